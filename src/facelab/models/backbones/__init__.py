@@ -1,0 +1,9 @@
+"""Importing this package registers every built-in backbone."""
+
+from facelab.models.backbones import (  # noqa: F401
+    dlib_resnet,
+    iresnet,
+    mobilefacenet,
+    mobilenetv2,
+    shufflenetv2,
+)

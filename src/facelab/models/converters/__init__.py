@@ -1,0 +1,1 @@
+"""Readers for foreign weight formats; each produces an ordinary PyTorch state dict or module."""

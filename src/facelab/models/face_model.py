@@ -1,0 +1,111 @@
+"""A backbone bundled with the preprocessing it expects: the unit everything embeds with."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from facelab.models.preprocess import Preprocess
+from facelab.models.registry import BACKBONES
+
+
+class FaceModel(nn.Module):
+    """Backbone + preprocessing + the recipe to rebuild it (name and keyword arguments).
+
+    `forward` maps network input to L2-normalised embeddings; the `embed_*` methods take
+    images or aligned faces and apply the stored preprocessing themselves.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, preprocess: Preprocess, name: str, kwargs: dict[str, Any]
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.preprocess = preprocess
+        self.name = name
+        self.kwargs = dict(kwargs)
+
+    @classmethod
+    def create(cls, name: str, preprocess: Preprocess | None = None, **kwargs: Any) -> FaceModel:
+        """Build a registered backbone; its registered preprocessing is used unless overridden.
+
+        `input_size` (when given) also sets the preprocessing size, so they cannot disagree.
+        """
+        entry = BACKBONES.get(name)
+        spec = preprocess or entry.preprocess or Preprocess()
+        if "input_size" in kwargs:
+            spec = replace(spec, size=int(kwargs["input_size"]))
+        return cls(entry.constructor(**kwargs), spec, name, kwargs)
+
+    @property
+    def embedding_dim(self) -> int:
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, self.preprocess.size, self.preprocess.size)
+            was_training = self.backbone.training
+            self.backbone.eval()
+            dim = self.backbone(probe).shape[1]
+            self.backbone.train(was_training)
+        return int(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.backbone(x), dim=1)
+
+    def fingerprint(self) -> str:
+        """Identifies model + weights + preprocessing: embeddings are comparable only within one."""
+        digest = hashlib.sha256()
+        digest.update(f"{self.name}|{sorted(self.kwargs.items())}|".encode())
+        digest.update(self.preprocess.fingerprint().encode())
+        for key, tensor in sorted(self.backbone.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    @torch.inference_mode()
+    def embed_tensors(
+        self, inputs: torch.Tensor, flip: bool = False, batch_size: int = 64
+    ) -> np.ndarray:
+        """Preprocessed (N, 3, S, S) inputs -> L2-normalised float32 (N, D) embeddings.
+
+        flip: add the embedding of the mirrored face before normalising (as insightface does).
+        """
+        self.eval()
+        device = next(self.parameters()).device
+        out = []
+        for start in range(0, len(inputs), batch_size):
+            x = inputs[start : start + batch_size].to(device)
+            feats = self.backbone(x)
+            if flip:
+                feats = feats + self.backbone(x.flip(3))
+            out.append(nn.functional.normalize(feats.float(), dim=1).cpu())
+        if not out:
+            return np.zeros((0, self.embedding_dim), dtype=np.float32)
+        return torch.cat(out).numpy()
+
+    def embed_faces(
+        self,
+        images: Sequence[np.ndarray],
+        landmarks: Sequence[np.ndarray] | None = None,
+        flip: bool = False,
+        batch_size: int = 64,
+    ) -> np.ndarray:
+        """RGB uint8 images (one face each) -> L2-normalised (N, D) embeddings."""
+        marks = landmarks if landmarks is not None else [None] * len(images)
+        tensors = [self.preprocess.to_tensor(img, lm) for img, lm in zip(images, marks, strict=True)]
+        if not tensors:
+            return self.embed_tensors(torch.zeros(0, 3, self.preprocess.size, self.preprocess.size))
+        return self.embed_tensors(torch.stack(tensors), flip=flip, batch_size=batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint stores to rebuild this model (weights travel separately)."""
+        return {"name": self.name, "kwargs": self.kwargs, "preprocess": self.preprocess.to_dict()}
+
+    @classmethod
+    def from_description(cls, desc: dict[str, Any]) -> FaceModel:
+        kwargs = {k: v for k, v in desc["kwargs"].items() if k != "pretrained"}
+        return cls.create(desc["name"], Preprocess.from_dict(desc["preprocess"]), **kwargs)

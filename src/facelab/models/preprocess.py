@@ -1,0 +1,99 @@
+"""The preprocessing a model was trained with, stored beside its weights.
+
+Every path that turns an image into a network input goes through `Preprocess.to_tensor`,
+so a model cannot be fed a different size, colour order, normalisation or alignment
+than the one it records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+COLOUR_ORDERS = ("RGB", "BGR")
+ALIGNMENTS = ("centre_crop", "five_point")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an RGB uint8 image becomes the (3, size, size) float tensor a network expects.
+
+    alignment "centre_crop": keep the central `crop` fraction of the shorter side, then resize
+    (LFW deep-funneled 250x250: crop 0.6 keeps the central 150x150, where the face is).
+    alignment "five_point": warp the face so its five landmarks (left eye, right eye, nose,
+    left and right mouth corner, in the detector's order) land on `template`, given in
+    pixels of the output image; needs landmarks from a detector.
+    Values are (pixel - mean) / std per channel, in the network's colour order.
+    """
+
+    size: int = 112
+    colour: str = "RGB"
+    mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    std: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    alignment: str = "centre_crop"
+    crop: float = 0.6
+    template: tuple[tuple[float, float], ...] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.colour not in COLOUR_ORDERS:
+            raise ValueError(f"preprocess.colour must be one of {COLOUR_ORDERS}, not {self.colour!r}")
+        if self.alignment not in ALIGNMENTS:
+            raise ValueError(
+                f"preprocess.alignment must be one of {ALIGNMENTS}, not {self.alignment!r}"
+            )
+        if self.alignment == "five_point" and (self.template is None or len(self.template) != 5):
+            raise ValueError("preprocess.template needs five (x, y) points for five_point alignment")
+        if not 0 < self.crop <= 1:
+            raise ValueError(f"preprocess.crop must be in (0, 1], not {self.crop}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocess:
+        data = dict(data)
+        for key in ("mean", "std"):
+            data[key] = tuple(data[key])
+        if data.get("template") is not None:
+            data["template"] = tuple(tuple(p) for p in data["template"])
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        """A short stable hash: two models embed comparably only if their fingerprints match."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def crop_face(self, image: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
+        """Return the aligned face as RGB uint8 (size, size, 3)."""
+        if self.alignment == "five_point":
+            if landmarks is None:
+                raise ValueError("this model needs five landmarks per face (five_point alignment)")
+            from facelab.data.align import warp_to_template
+
+            return warp_to_template(image, np.asarray(landmarks), np.asarray(self.template), self.size)
+        h, w = image.shape[:2]
+        side = max(1, round(min(h, w) * self.crop))
+        top, left = (h - side) // 2, (w - side) // 2
+        face = Image.fromarray(image[top : top + side, left : left + side])
+        return np.asarray(face.resize((self.size, self.size), Image.BILINEAR))
+
+    def normalise(self, faces: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB (N, size, size, 3) or (size, size, 3) -> float (N, 3, size, size) input."""
+        if faces.ndim == 3:
+            faces = faces.unsqueeze(0)
+        x = faces.permute(0, 3, 1, 2).float()
+        if self.colour == "BGR":
+            x = x.flip(1)
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def to_tensor(self, image: np.ndarray, landmarks: np.ndarray | None = None) -> torch.Tensor:
+        """RGB uint8 image -> (3, size, size) network input."""
+        face = self.crop_face(image, landmarks)
+        return self.normalise(torch.from_numpy(np.ascontiguousarray(face)))[0]
