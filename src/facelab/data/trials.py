@@ -1,0 +1,122 @@
+"""Trial lists for verification: LFW protocol files and plain CSV files."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Trial:
+    """Two images to compare; label 1 = same person, 0 = different, None = unknown (to score)."""
+
+    a: Path
+    b: Path
+    label: int | None = None
+    fold: int | None = None
+
+
+def lfw_image_path(images_root: Path, name: str, number: str) -> Path:
+    return images_root / name / f"{name}_{int(number):04d}.jpg"
+
+
+def read_lfw_pairs(path: str | Path, images_root: str | Path | None = None) -> list[Trial]:
+    """Read LFW `pairs.txt` (View 2, 10 folds) or `pairsDevTrain/Test.txt` (View 1).
+
+    The first line is `folds<TAB>pairs_per_class` (View 2) or just a count (View 1); each fold
+    holds that many same pairs (`name n1 n2`) then as many different pairs (`n1 i1 n2 i2`).
+    `images_root` defaults to `images/` beside the file.
+    """
+    path = Path(path)
+    root = Path(images_root) if images_root is not None else path.parent / "images"
+    lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"{path}: empty pair list")
+    header = lines[0]
+    try:
+        if len(header) == 2:
+            n_folds, per_class = int(header[0]), int(header[1])
+        elif len(header) == 1:
+            n_folds, per_class = 1, int(header[0])
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{path}:1: expected a header 'folds pairs' or 'pairs'") from None
+    body = lines[1:]
+    if len(body) != n_folds * 2 * per_class:
+        raise ValueError(
+            f"{path}: header promises {n_folds * 2 * per_class} pairs, file has {len(body)}"
+        )
+    trials = []
+    for i, fields in enumerate(body):
+        fold = i // (2 * per_class)
+        if len(fields) == 3:
+            name, n1, n2 = fields
+            a, b, label = lfw_image_path(root, name, n1), lfw_image_path(root, name, n2), 1
+        elif len(fields) == 4:
+            a = lfw_image_path(root, fields[0], fields[1])
+            b = lfw_image_path(root, fields[2], fields[3])
+            label = 0
+        else:
+            raise ValueError(f"{path}:{i + 2}: expected 3 or 4 tab-separated fields")
+        trials.append(Trial(a, b, label, fold if n_folds > 1 else None))
+    return trials
+
+
+def read_trial_csv(path: str | Path, images_root: str | Path | None = None) -> list[Trial]:
+    """Read a CSV of `img1,img2[,label]` (a header row is detected and skipped) or a text file
+    of whitespace-separated `img1 img2 [label]` lines. Relative paths resolve against
+    `images_root` (default: the file's folder)."""
+    path = Path(path)
+    root = Path(images_root) if images_root is not None else path.parent
+    text = path.read_text()
+    first = text.splitlines()[0] if text.strip() else ""
+    rows = (
+        list(csv.reader(text.splitlines()))
+        if "," in first
+        else [ln.split() for ln in text.splitlines()]
+    )
+    trials = []
+    for i, row in enumerate(rows, start=1):
+        row = [c.strip() for c in row if c.strip()]
+        if not row:
+            continue
+        if len(row) not in (2, 3):
+            raise ValueError(f"{path}:{i}: expected img1,img2[,label], got {len(row)} fields")
+        if i == 1 and not (Path(row[0]).suffix or Path(row[1]).suffix):
+            continue  # header row such as "img1,img2,label"
+        label: int | None = None
+        if len(row) == 3:
+            try:
+                label = int(float(row[2]))
+            except ValueError:
+                label = -1
+            if label not in (0, 1):
+                raise ValueError(f"{path}:{i}: label {row[2]!r} is not 0 or 1")
+        trials.append(Trial(root / row[0], root / row[1], label))
+    if not trials:
+        raise ValueError(f"{path}: no trials")
+    return trials
+
+
+def read_trials(path: str | Path, images_root: str | Path | None = None) -> list[Trial]:
+    """Read any supported trial list, telling LFW protocol files from CSV by their content."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: trial list not found")
+    first = path.read_text().split("\n", 1)[0].split()
+    if first and all(f.isdigit() for f in first) and len(first) <= 2:
+        return read_lfw_pairs(path, images_root)
+    return read_trial_csv(path, images_root)
+
+
+def read_people(path: str | Path) -> list[str]:
+    """Read an LFW people list (`peopleDevTrain.txt`: a count, then `name<TAB>n_images`)."""
+    lines = Path(path).read_text().split("\n")
+    return [ln.split()[0] for ln in lines[1:] if ln.strip()]
+
+
+def trial_people(trials: list[Trial]) -> set[str]:
+    """Names of the identity folders a trial list touches (to exclude them from training)."""
+    return {p.parent.name for t in trials for p in (t.a, t.b)}

@@ -1,0 +1,103 @@
+"""Image files -> aligned faces -> embeddings, with the model's own preprocessing.
+
+Models aligned by a centre crop need no detector. Models aligned by five landmarks
+(`Preprocess.alignment == "five_point"`) get them from a face detector (MTCNN by default);
+when the detector finds no face the centre-crop region is assumed to hold it (the policy for
+pre-cropped data sets such as LFW) and the image is counted in `Embedded.fallback`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from facelab.data.images import read_image
+from facelab.models.face_model import FaceModel
+from facelab.models.registry import DETECTORS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Embedded:
+    """Embeddings of a list of images, row i for path i; `fallback[i]` is True where no face
+    was detected and the centre-crop assumption was used."""
+
+    paths: list[Path | np.ndarray]
+    embeddings: np.ndarray
+    fallback: np.ndarray
+
+
+def centred_landmarks(
+    template: np.ndarray, size: int, shape: tuple[int, ...], crop: float
+) -> np.ndarray:
+    """Where the template's landmarks fall if the face fills the image's centre-crop region."""
+    h, w = shape[:2]
+    side = min(h, w) * crop
+    return template * (side / size) + np.array([(w - side) / 2, (h - side) / 2])
+
+
+def largest_face_landmarks(detections: Any) -> np.ndarray | None:
+    """Landmarks (5, 2) of the largest detected face, or None."""
+    if len(detections.boxes) == 0:
+        return None
+    b = detections.boxes
+    return detections.landmarks[int(np.argmax((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])))]
+
+
+ImageLike = str | Path | np.ndarray
+
+
+def _as_image(item: ImageLike) -> np.ndarray:
+    return item if isinstance(item, np.ndarray) else read_image(item)
+
+
+def embed_images(
+    model: FaceModel,
+    items: Sequence[ImageLike],
+    flip: bool = False,
+    batch_size: int = 64,
+    detector: str | object = "mtcnn",
+    workers: int = 2,
+    progress: bool = True,
+) -> Embedded:
+    """Embed each image (file path or RGB uint8 array; its largest face) with the model's
+    stored preprocessing."""
+    paths = [item if isinstance(item, np.ndarray) else Path(item) for item in items]
+    spec = model.preprocess
+    aligner = None
+    if spec.alignment == "five_point":
+        aligner = DETECTORS.create(detector) if isinstance(detector, str) else detector
+    template = np.asarray(spec.template) if spec.template is not None else None
+    chunks = []
+    fallback = np.zeros(len(paths), dtype=bool)
+    bar = tqdm(total=len(paths), desc="embedding", unit="img", disable=not progress)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(paths), batch_size):
+            batch_paths = paths[start : start + batch_size]
+            images = list(pool.map(_as_image, batch_paths))
+            marks: list[np.ndarray | None] = [None] * len(images)
+            if aligner is not None:
+                for i, det in enumerate(aligner.detect(images)):
+                    marks[i] = largest_face_landmarks(det)
+                    if marks[i] is None:
+                        fallback[start + i] = True
+                        marks[i] = centred_landmarks(template, spec.size, images[i].shape, spec.crop)
+            faces = list(pool.map(spec.crop_face, images, marks))
+            inputs = spec.normalise(torch.from_numpy(np.stack(faces)))
+            chunks.append(model.embed_tensors(inputs, flip=flip, batch_size=batch_size))
+            bar.update(len(batch_paths))
+    bar.close()
+    if fallback.any():
+        log.info("no face detected in %d of %d images: used the centre crop", fallback.sum(), len(paths))
+    dim = chunks[0].shape[1] if chunks else model.embedding_dim
+    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
+    return Embedded(paths, embeddings, fallback)

@@ -1,0 +1,73 @@
+"""Training configuration: one dataclass, loadable from YAML and overridable from the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; `facelab train --config X.yaml --key value` fills it."""
+
+    data: str = ""  # identity-folder root (one sub-folder per person)
+    out: str = "runs/train"  # checkpoints, metrics.jsonl/csv, plots
+    backbone: str = "mobilefacenet"
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    loss: str = "softmax"  # a registered head: softmax, arcface, cosface
+    head_options: dict[str, Any] = field(default_factory=dict)
+    embedding_dim: int = 512
+    image_size: int = 112
+    crop: float = 0.6  # centre-crop fraction before resizing (0.6: LFW deep-funneled)
+    min_images: int = 2  # identities with fewer images are left out
+    exclude_people: list[str] = field(default_factory=list)  # people lists / trial lists to leave out
+    val_fraction: float = 0.1  # images per identity held out for classification accuracy
+    val_trials: str | None = None  # trial list for per-epoch verification AUC
+    batch_size: int = 64
+    epochs: int = 10
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "cosine"  # cosine | warm_restarts | constant
+    t0: int = 10  # warm restarts: first period in epochs
+    t_mult: int = 2  # warm restarts: period multiplier
+    eta_min: float = 1e-5
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up
+    augment: dict[str, Any] = field(default_factory=dict)  # facelab.data.augment.Augment fields
+    cutmix: float = 0.0  # probability of applying CutMix to a batch
+    cutmix_alpha: float = 1.0
+    amp: bool = True  # bfloat16/float16 autocast, used only on CUDA
+    seed: int = 0
+    workers: int = 2
+    cache_dir: str | None = None  # memory-mapped decoded-face cache
+    max_minutes: float | None = None  # stop after the epoch that crosses this wall-clock budget
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in ("cosine", "warm_restarts", "constant"):
+            raise ValueError(f"scheduler must be cosine, warm_restarts or constant, not {self.scheduler!r}")
+        for name in ("batch_size", "epochs", "image_size", "embedding_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of training options")
+        return cls.from_dict({**data, **overrides}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown training option(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

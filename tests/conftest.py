@@ -1,0 +1,44 @@
+"""Shared fixtures: the LFW copy beside the repository, and tiny synthetic identity folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
+
+
+@pytest.fixture(scope="session")
+def lfw() -> Path:
+    if not (LFW / "images").is_dir():
+        pytest.skip(f"LFW not found at {LFW} (the repository's sibling ../shared/data/lfw)")
+    return LFW
+
+
+@pytest.fixture(scope="session")
+def lfw_subset(tmp_path_factory: pytest.TempPathFactory, lfw: Path) -> Path:
+    """An identity folder of 6 LFW people with many images, linked (not copied) from ../shared."""
+    root = tmp_path_factory.mktemp("lfw_subset")
+    people = ["George_W_Bush", "Colin_Powell", "Tony_Blair", "Donald_Rumsfeld",
+              "Gerhard_Schroeder", "Ariel_Sharon"]
+    for name in people:
+        (root / name).mkdir()
+        for src in sorted((lfw / "images" / name).glob("*.jpg"))[:12]:
+            (root / name / src.name).symlink_to(src)
+    return root
+
+
+def write_synthetic_folder(root: Path, people: int = 3, per_person: int = 4, size: int = 40) -> Path:
+    """Identity folder of tiny generated images: each person a distinct colour pattern."""
+    rng = np.random.default_rng(0)
+    for p in range(people):
+        (root / f"person_{p}").mkdir(parents=True)
+        base = rng.integers(0, 255, (size, size, 3))
+        for i in range(per_person):
+            noise = rng.integers(-20, 20, (size, size, 3))
+            img = np.clip(base + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"person_{p}" / f"person_{p}_{i:04d}.jpg")
+    return root
