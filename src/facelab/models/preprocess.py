@@ -80,7 +80,7 @@ class Preprocess:
         side = max(1, round(min(h, w) * self.crop))
         top, left = (h - side) // 2, (w - side) // 2
         face = Image.fromarray(image[top : top + side, left : left + side])
-        return np.asarray(face.resize((self.size, self.size), Image.BILINEAR))
+        return np.array(face.resize((self.size, self.size), Image.BILINEAR))
 
     def normalise(self, faces: torch.Tensor) -> torch.Tensor:
         """uint8 RGB (N, size, size, 3) or (size, size, 3) -> float (N, 3, size, size) input."""

@@ -195,7 +195,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return float(loss)
+        return float(loss.detach())
 
     @torch.inference_mode()
     def evaluate(self) -> dict[str, float]:
