@@ -22,8 +22,14 @@ def lfw() -> Path:
 def lfw_subset(tmp_path_factory: pytest.TempPathFactory, lfw: Path) -> Path:
     """An identity folder of 6 LFW people with many images, linked (not copied) from ../shared."""
     root = tmp_path_factory.mktemp("lfw_subset")
-    people = ["George_W_Bush", "Colin_Powell", "Tony_Blair", "Donald_Rumsfeld",
-              "Gerhard_Schroeder", "Ariel_Sharon"]
+    people = [
+        "George_W_Bush",
+        "Colin_Powell",
+        "Tony_Blair",
+        "Donald_Rumsfeld",
+        "Gerhard_Schroeder",
+        "Ariel_Sharon",
+    ]
     for name in people:
         (root / name).mkdir()
         for src in sorted((lfw / "images" / name).glob("*.jpg"))[:12]:
@@ -31,7 +37,9 @@ def lfw_subset(tmp_path_factory: pytest.TempPathFactory, lfw: Path) -> Path:
     return root
 
 
-def write_synthetic_folder(root: Path, people: int = 3, per_person: int = 4, size: int = 40) -> Path:
+def write_synthetic_folder(
+    root: Path, people: int = 3, per_person: int = 4, size: int = 40
+) -> Path:
     """Identity folder of tiny generated images: each person a distinct colour pattern."""
     rng = np.random.default_rng(0)
     for p in range(people):

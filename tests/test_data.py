@@ -61,7 +61,10 @@ def test_lfw_pairs_parse_and_resolve(lfw: Path) -> None:
 def test_trial_csv_formats(tmp_path: Path) -> None:
     (tmp_path / "t.csv").write_text("img1,img2,label\na.jpg,b.jpg,1\nc.jpg,d.jpg,0\n")
     trials = read_trials(tmp_path / "t.csv")
-    assert [(t.a.name, t.b.name, t.label) for t in trials] == [("a.jpg", "b.jpg", 1), ("c.jpg", "d.jpg", 0)]
+    assert [(t.a.name, t.b.name, t.label) for t in trials] == [
+        ("a.jpg", "b.jpg", 1),
+        ("c.jpg", "d.jpg", 0),
+    ]
     (tmp_path / "u.csv").write_text("img1,img2\nx/a.jpg,x/b.jpg\n")
     unlabelled = read_trial_csv(tmp_path / "u.csv", images_root="/data")
     assert unlabelled[0].label is None and unlabelled[0].a == Path("/data/x/a.jpg")
@@ -96,9 +99,13 @@ def test_face_cache_reused(tmp_path: Path) -> None:
     root = write_synthetic_folder(tmp_path / "ids", people=2, per_person=2)
     paths = sorted(root.rglob("*.jpg"))
     spec = Preprocess(size=16, crop=1.0)
-    first = load_faces(paths, spec.crop_face, 16, spec.fingerprint(), tmp_path / "cache", progress=False)
+    first = load_faces(
+        paths, spec.crop_face, 16, spec.fingerprint(), tmp_path / "cache", progress=False
+    )
     assert isinstance(first, np.memmap) and first.shape == (4, 16, 16, 3)
-    second = load_faces(paths, spec.crop_face, 16, spec.fingerprint(), tmp_path / "cache", progress=False)
+    second = load_faces(
+        paths, spec.crop_face, 16, spec.fingerprint(), tmp_path / "cache", progress=False
+    )
     assert np.array_equal(first, second) and len(list((tmp_path / "cache").glob("*.npy"))) == 1
 
 

@@ -1,4 +1,4 @@
-"""A tiny end-to-end run on real LFW faces: train, checkpoint, resume exactly, evaluate, classify."""
+"""A tiny end-to-end run on real LFW faces: train, checkpoint, resume, evaluate, classify."""
 
 from __future__ import annotations
 
@@ -17,9 +17,20 @@ from facelab.train import TrainConfig, train
 
 def tiny_config(data: Path, out: Path, epochs: int) -> TrainConfig:
     return TrainConfig(
-        data=str(data), out=str(out), backbone="mobilefacenet", embedding_dim=32, image_size=32,
-        batch_size=16, epochs=epochs, lr=0.05, val_fraction=0.2, cutmix=0.5, warmup_epochs=0.5,
-        scheduler="warm_restarts", t0=1, workers=1,
+        data=str(data),
+        out=str(out),
+        backbone="mobilefacenet",
+        embedding_dim=32,
+        image_size=32,
+        batch_size=16,
+        epochs=epochs,
+        lr=0.05,
+        val_fraction=0.2,
+        cutmix=0.5,
+        warmup_epochs=0.5,
+        scheduler="warm_restarts",
+        t0=1,
+        workers=1,
     )
 
 

@@ -100,15 +100,20 @@ def evaluate(
         out = Path(out_dir)
         atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
         fpr, tpr, _ = roc_curve(scores, labels)
-        plot_roc(fpr, tpr, out / "roc.png", title=f"{model.name} on {Path(trials_path).name}",
-                 auc=report["auc"])
-        plot_score_histogram(scores, labels, out / "scores.png", threshold=report["best_accuracy_threshold"])
+        plot_roc(
+            fpr,
+            tpr,
+            out / "roc.png",
+            title=f"{model.name} on {Path(trials_path).name}",
+            auc=report["auc"],
+        )
+        plot_score_histogram(
+            scores, labels, out / "scores.png", threshold=report["best_accuracy_threshold"]
+        )
     return report
 
 
-def classify(
-    checkpoint: str | Path, split: str = "val", batch_size: int = 256
-) -> dict[str, float]:
+def classify(checkpoint: str | Path, split: str = "val", batch_size: int = 256) -> dict[str, float]:
     """Top-1/top-5 accuracy of a classification checkpoint on the held-out images of its own
     training identities (the same deterministic split the run used)."""
     from facelab.data.folders import split_images
@@ -120,8 +125,10 @@ def classify(
     model = model_from_checkpoint(payload).eval()
     head_info = payload["head"]
     head = HEADS.create(
-        head_info["name"], embedding_dim=head_info["embedding_dim"],
-        num_classes=len(head_info["classes"]), **cfg.head_options,
+        head_info["name"],
+        embedding_dim=head_info["embedding_dim"],
+        num_classes=len(head_info["classes"]),
+        **cfg.head_options,
     )
     head.load_state_dict(payload["head_state"])
     head.eval()
@@ -136,7 +143,10 @@ def classify(
     logits = []
     with torch.inference_mode():
         for start in range(0, len(samples), batch_size):
-            faces = [model.preprocess.to_tensor(read_image(s.path)) for s in samples[start : start + batch_size]]
+            faces = [
+                model.preprocess.to_tensor(read_image(s.path))
+                for s in samples[start : start + batch_size]
+            ]
             logits.append(head(model.backbone(torch.stack(faces))))
     labels = torch.tensor([s.label for s in samples])
     return {**topk_accuracy(torch.cat(logits), labels), "images": len(samples)}

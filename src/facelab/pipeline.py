@@ -90,14 +90,18 @@ def embed_images(
                     marks[i] = largest_face_landmarks(det)
                     if marks[i] is None:
                         fallback[start + i] = True
-                        marks[i] = centred_landmarks(template, spec.size, images[i].shape, spec.crop)
+                        marks[i] = centred_landmarks(
+                            template, spec.size, images[i].shape, spec.crop
+                        )
             faces = list(pool.map(spec.crop_face, images, marks))
             inputs = spec.normalise(torch.from_numpy(np.stack(faces)))
             chunks.append(model.embed_tensors(inputs, flip=flip, batch_size=batch_size))
             bar.update(len(batch_paths))
     bar.close()
     if fallback.any():
-        log.info("no face detected in %d of %d images: used the centre crop", fallback.sum(), len(paths))
+        log.info(
+            "no face detected in %d of %d images: used the centre crop", fallback.sum(), len(paths)
+        )
     dim = chunks[0].shape[1] if chunks else model.embedding_dim
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
     return Embedded(paths, embeddings, fallback)

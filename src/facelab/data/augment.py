@@ -61,7 +61,9 @@ class Augment:
             1,
         )
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        return F.grid_sample(
+            x, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+        )
 
     def _colour(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]

@@ -96,7 +96,9 @@ class FaceModel(nn.Module):
     ) -> np.ndarray:
         """RGB uint8 images (one face each) -> L2-normalised (N, D) embeddings."""
         marks = landmarks if landmarks is not None else [None] * len(images)
-        tensors = [self.preprocess.to_tensor(img, lm) for img, lm in zip(images, marks, strict=True)]
+        tensors = [
+            self.preprocess.to_tensor(img, lm) for img, lm in zip(images, marks, strict=True)
+        ]
         if not tensors:
             return self.embed_tensors(torch.zeros(0, 3, self.preprocess.size, self.preprocess.size))
         return self.embed_tensors(torch.stack(tensors), flip=flip, batch_size=batch_size)

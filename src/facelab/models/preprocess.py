@@ -41,13 +41,17 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.colour not in COLOUR_ORDERS:
-            raise ValueError(f"preprocess.colour must be one of {COLOUR_ORDERS}, not {self.colour!r}")
+            raise ValueError(
+                f"preprocess.colour must be one of {COLOUR_ORDERS}, not {self.colour!r}"
+            )
         if self.alignment not in ALIGNMENTS:
             raise ValueError(
                 f"preprocess.alignment must be one of {ALIGNMENTS}, not {self.alignment!r}"
             )
         if self.alignment == "five_point" and (self.template is None or len(self.template) != 5):
-            raise ValueError("preprocess.template needs five (x, y) points for five_point alignment")
+            raise ValueError(
+                "preprocess.template needs five (x, y) points for five_point alignment"
+            )
         if not 0 < self.crop <= 1:
             raise ValueError(f"preprocess.crop must be in (0, 1], not {self.crop}")
 
@@ -75,7 +79,9 @@ class Preprocess:
                 raise ValueError("this model needs five landmarks per face (five_point alignment)")
             from facelab.data.align import warp_to_template
 
-            return warp_to_template(image, np.asarray(landmarks), np.asarray(self.template), self.size)
+            return warp_to_template(
+                image, np.asarray(landmarks), np.asarray(self.template), self.size
+            )
         h, w = image.shape[:2]
         side = max(1, round(min(h, w) * self.crop))
         top, left = (h - side) // 2, (w - side) // 2

@@ -24,7 +24,9 @@ class TrainConfig:
     image_size: int = 112
     crop: float = 0.6  # centre-crop fraction before resizing (0.6: LFW deep-funneled)
     min_images: int = 2  # identities with fewer images are left out
-    exclude_people: list[str] = field(default_factory=list)  # people lists / trial lists to leave out
+    exclude_people: list[str] = field(
+        default_factory=list
+    )  # people lists / trial lists to leave out
     val_fraction: float = 0.1  # images per identity held out for classification accuracy
     val_trials: str | None = None  # trial list for per-epoch verification AUC
     batch_size: int = 64
@@ -49,7 +51,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("cosine", "warm_restarts", "constant"):
-            raise ValueError(f"scheduler must be cosine, warm_restarts or constant, not {self.scheduler!r}")
+            raise ValueError(
+                f"scheduler must be cosine, warm_restarts or constant, not {self.scheduler!r}"
+            )
         for name in ("batch_size", "epochs", "image_size", "embedding_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")

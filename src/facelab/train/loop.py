@@ -52,7 +52,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -110,7 +114,10 @@ class Trainer:
         )
         log.info(
             "%d identities, %d train / %d val images (%d people excluded)",
-            folder.num_classes, len(self.train_samples), len(self.val_samples), len(excluded),
+            folder.num_classes,
+            len(self.train_samples),
+            len(self.val_samples),
+            len(excluded),
         )
 
         if payload is not None:
@@ -124,7 +131,10 @@ class Trainer:
                 **cfg.backbone_options,
             )
         self.head = HEADS.create(
-            cfg.loss, embedding_dim=cfg.embedding_dim, num_classes=len(self.classes), **cfg.head_options
+            cfg.loss,
+            embedding_dim=cfg.embedding_dim,
+            num_classes=len(self.classes),
+            **cfg.head_options,
         )
         self.model.to(self.device)
         self.head.to(self.device)
@@ -163,8 +173,12 @@ class Trainer:
     def _faces(self, samples: list[Sample]) -> np.ndarray:
         spec = self.model.preprocess
         return load_faces(
-            [s.path for s in samples], spec.crop_face, spec.size, spec.fingerprint(),
-            cache_dir=self.cfg.cache_dir, workers=self.cfg.workers,
+            [s.path for s in samples],
+            spec.crop_face,
+            spec.size,
+            spec.fingerprint(),
+            cache_dir=self.cfg.cache_dir,
+            workers=self.cfg.workers,
         )
 
     def _inputs(self, faces: np.ndarray, augment: bool) -> torch.Tensor:
@@ -208,8 +222,15 @@ class Trainer:
             for start in range(0, len(self.val_faces), 256):
                 x = self._inputs(self.val_faces[start : start + 256], augment=False)
                 logits.append(self.head(self.model.backbone(x).float()).cpu())
-                labels.append(torch.tensor([s.label for s in self.val_samples[start : start + 256]]))
-            metrics.update({f"val_{k}": v for k, v in topk_accuracy(torch.cat(logits), torch.cat(labels)).items()})
+                labels.append(
+                    torch.tensor([s.label for s in self.val_samples[start : start + 256]])
+                )
+            metrics.update(
+                {
+                    f"val_{k}": v
+                    for k, v in topk_accuracy(torch.cat(logits), torch.cat(labels)).items()
+                }
+            )
         if self.trials:
             inputs = self._inputs(self.trial_faces, augment=False)
             emb = self.model.embed_tensors(inputs, batch_size=256)
@@ -230,12 +251,14 @@ class Trainer:
             order = torch.randperm(len(self.train_samples))
             losses = []
             tick = time.monotonic()
-            bar = tqdm(range(self.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it")
+            bar = tqdm(
+                range(self.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it"
+            )
             for it in bar:
                 idx = order[it * cfg.batch_size : (it + 1) * cfg.batch_size]
                 losses.append(self._step(idx))
                 if it % cfg.log_every == 0:
-                    bar.set_postfix(loss=f"{np.mean(losses[-cfg.log_every:]):.3f}")
+                    bar.set_postfix(loss=f"{np.mean(losses[-cfg.log_every :]):.3f}")
             seconds = time.monotonic() - tick
             record = {
                 "epoch": epoch + 1,
@@ -249,8 +272,13 @@ class Trainer:
             log.info("epoch %d: %s", epoch + 1, json.dumps(record))
             self._write_logs()
             save_checkpoint(
-                last, self.model,
-                head={"name": cfg.loss, "embedding_dim": cfg.embedding_dim, "classes": self.classes},
+                last,
+                self.model,
+                head={
+                    "name": cfg.loss,
+                    "embedding_dim": cfg.embedding_dim,
+                    "classes": self.classes,
+                },
                 head_state=self.head.state_dict(),
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(),
@@ -261,12 +289,18 @@ class Trainer:
                 config=cfg.to_dict(),
             )
             if cfg.max_minutes is not None and time.monotonic() - began > 60 * cfg.max_minutes:
-                log.info("stopping after epoch %d: %.1f-minute budget reached", epoch + 1, cfg.max_minutes)
+                log.info(
+                    "stopping after epoch %d: %.1f-minute budget reached",
+                    epoch + 1,
+                    cfg.max_minutes,
+                )
                 break
         return TrainResult(last, self.history)
 
     def _write_logs(self) -> None:
-        atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        atomic_write_text(
+            self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history)
+        )
         keys = list(dict.fromkeys(k for r in self.history for k in r))
         rows = [",".join(keys)] + [",".join(_fmt(r.get(k)) for k in keys) for r in self.history]
         atomic_write_text(self.out / "metrics.csv", "\n".join(rows) + "\n")
