@@ -9,6 +9,7 @@ pre-cropped data sets such as LFW) and the image is counted in `Embedded.fallbac
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,11 +30,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class Embedded:
     """Embeddings of a list of images, row i for path i; `fallback[i]` is True where no face
-    was detected and the centre-crop assumption was used."""
+    was detected and the centre-crop assumption was used; `seconds` holds the time spent
+    waiting for decoded images, detecting, aligning and embedding."""
 
     paths: list[Path | np.ndarray]
     embeddings: np.ndarray
     fallback: np.ndarray
+    seconds: dict[str, float]
 
 
 def centred_landmarks(
@@ -60,6 +63,10 @@ def _as_image(item: ImageLike) -> np.ndarray:
     return item if isinstance(item, np.ndarray) else read_image(item)
 
 
+def _read_all(batch: Sequence[ImageLike]) -> list[np.ndarray]:
+    return [_as_image(item) for item in batch]
+
+
 def embed_images(
     model: FaceModel,
     items: Sequence[ImageLike],
@@ -70,22 +77,34 @@ def embed_images(
     progress: bool = True,
 ) -> Embedded:
     """Embed each image (file path or RGB uint8 array; its largest face) with the model's
-    stored preprocessing."""
+    stored preprocessing. A background thread decodes the next batch while this one is
+    detected, aligned and embedded; `Embedded.seconds` says where the time went."""
     paths = [item if isinstance(item, np.ndarray) else Path(item) for item in items]
     spec = model.preprocess
     aligner = None
     if spec.alignment == "five_point":
         aligner = DETECTORS.create(detector) if isinstance(detector, str) else detector
     template = np.asarray(spec.template) if spec.template is not None else None
+    batches = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
+    seconds = dict.fromkeys(("read", "detect", "align", "embed"), 0.0)
     chunks = []
     fallback = np.zeros(len(paths), dtype=bool)
     bar = tqdm(total=len(paths), desc="embedding", unit="img", disable=not progress)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for start in range(0, len(paths), batch_size):
-            batch_paths = paths[start : start + batch_size]
-            images = list(pool.map(_as_image, batch_paths))
+    with (
+        ThreadPoolExecutor(max_workers=1) as loader,
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+    ):
+        upcoming = loader.submit(_read_all, batches[0]) if batches else None
+        for n, batch in enumerate(batches):
+            tick = time.perf_counter()
+            images = upcoming.result()
+            if n + 1 < len(batches):
+                upcoming = loader.submit(_read_all, batches[n + 1])
+            seconds["read"] += time.perf_counter() - tick
+            start = n * batch_size
             marks: list[np.ndarray | None] = [None] * len(images)
             if aligner is not None:
+                tick = time.perf_counter()
                 for i, det in enumerate(aligner.detect(images)):
                     marks[i] = largest_face_landmarks(det)
                     if marks[i] is None:
@@ -93,10 +112,16 @@ def embed_images(
                         marks[i] = centred_landmarks(
                             template, spec.size, images[i].shape, spec.crop
                         )
+                seconds["detect"] += time.perf_counter() - tick
+            tick = time.perf_counter()
             faces = list(pool.map(spec.crop_face, images, marks))
             inputs = spec.normalise(torch.from_numpy(np.stack(faces)))
+            seconds["align"] += time.perf_counter() - tick
+            tick = time.perf_counter()
             chunks.append(model.embed_tensors(inputs, flip=flip, batch_size=batch_size))
-            bar.update(len(batch_paths))
+            seconds["embed"] += time.perf_counter() - tick
+            bar.update(len(batch))
+            bar.set_postfix(faces_per_s=f"{bar.n / max(bar.format_dict['elapsed'], 1e-9):.1f}")
     bar.close()
     if fallback.any():
         log.info(
@@ -104,4 +129,4 @@ def embed_images(
         )
     dim = chunks[0].shape[1] if chunks else model.embedding_dim
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
-    return Embedded(paths, embeddings, fallback)
+    return Embedded(paths, embeddings, fallback, seconds)

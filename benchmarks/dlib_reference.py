@@ -1,0 +1,78 @@
+"""dlib's own face pipeline, the reference facelab is compared against in benchmarks.
+
+HOG frontal-face detector -> 5-point shape model -> face ResNet descriptor (chip 150, padding
+0.25, no jitter), as `face_recognition.face_encodings(model="small")` does. Needs `dlib-bin` and
+the `face-recognition-models` package (its files are located with find_spec, not imported: it
+imports pkg_resources). Used only by benchmarks and tests, never by facelab itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def model_file(name: str) -> str:
+    """Path of a file shipped in face-recognition-models' `models/` folder."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("needs the face-recognition-models package (pip install it)")
+    return str(Path(spec.submodule_search_locations[0]) / "models" / name)
+
+
+@dataclass
+class DlibPipeline:
+    """Largest HOG face per image; where HOG finds none, the central square of side
+    `fallback_fraction` of the image is handed to the shape model (LFW faces are centred)."""
+
+    upsample: int = 0
+    fallback_fraction: float = 0.42
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("detect", "landmarks", "descriptor"), 0.0)
+    )
+    fallbacks: int = 0
+
+    def __post_init__(self) -> None:
+        import dlib
+
+        self.dlib = dlib
+        self.detector = dlib.get_frontal_face_detector()
+        self.shape_model = dlib.shape_predictor(model_file("shape_predictor_5_face_landmarks.dat"))
+        self.net = dlib.face_recognition_model_v1(
+            model_file("dlib_face_recognition_resnet_model_v1.dat")
+        )
+
+    def detect(self, image: np.ndarray):  # noqa: ANN201 - a dlib.rectangle
+        tick = time.perf_counter()
+        rects = list(self.detector(image, self.upsample))
+        self.seconds["detect"] += time.perf_counter() - tick
+        if rects:
+            return max(rects, key=lambda r: r.area())
+        self.fallbacks += 1
+        h, w = image.shape[:2]
+        side = min(h, w) * self.fallback_fraction
+        left, top = (w - side) / 2, (h - side) / 2
+        return self.dlib.rectangle(round(left), round(top), round(left + side), round(top + side))
+
+    def landmarks(self, image: np.ndarray, rect) -> object:  # noqa: ANN001
+        tick = time.perf_counter()
+        shape = self.shape_model(image, rect)
+        self.seconds["landmarks"] += time.perf_counter() - tick
+        return shape
+
+    def descriptor(self, image: np.ndarray, shape: object) -> np.ndarray:
+        """128-d descriptor of the face (chip extraction included, as dlib's API does it)."""
+        tick = time.perf_counter()
+        desc = np.asarray(self.net.compute_face_descriptor(image, shape, 0, 0.25))
+        self.seconds["descriptor"] += time.perf_counter() - tick
+        return desc
+
+    def chip(self, image: np.ndarray, shape: object) -> np.ndarray:
+        return np.asarray(self.dlib.get_face_chip(image, shape, 150, 0.25))
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return self.descriptor(image, self.landmarks(image, self.detect(image)))

@@ -1,0 +1,150 @@
+"""LFW verification of the imported dlib ResNet: facelab's pipeline beside dlib's own, one run.
+
+facelab: MTCNN (native port) -> five-point alignment to the model's stored template ->
+native dlib ResNet, cosine similarity. dlib: HOG detector -> 5-point shape model -> dlib's
+ResNet descriptor, Euclidean distance (dlib's own metric; score = -distance). Both see the same
+images, decoded once. Prints accuracy (10-fold mean ± std on View 2), AUC, EER, TPR@FPR=1e-3,
+per-face CPU time of each stage, and the cosine agreement of the two descriptors per face.
+
+    python benchmarks/lfw_pretrained.py [--pairs ../shared/data/lfw/pairs.txt] [--limit 600]
+        [--out runs/lfw_pretrained]
+
+`--limit N` keeps N pairs spread over the list (a quick look; View 2 needs all 6,000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from dlib_reference import DlibPipeline
+
+from facelab import load_model
+from facelab.data.images import read_image
+from facelab.data.trials import read_trials
+from facelab.eval.metrics import verification_report
+from facelab.fileio import atomic_write_text
+from facelab.pipeline import embed_images
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def pair_scores(emb: np.ndarray, index: dict, trials: list, metric: str) -> np.ndarray:
+    a = emb[[index[t.a] for t in trials]]
+    b = emb[[index[t.b] for t in trials]]
+    if metric == "cosine":
+        return np.einsum("ij,ij->i", a, b)
+    return -np.linalg.norm(a - b, axis=1)
+
+
+def summary(name: str, report: dict, ms: dict[str, float]) -> dict:
+    return {
+        "pipeline": name,
+        "accuracy": report.get("kfold_mean", report["best_accuracy"]),
+        "accuracy_std": report.get("kfold_std"),
+        "auc": report["auc"],
+        "eer": report["eer"],
+        "tpr_at_fpr_1e-3": report["tpr_at_fpr_0.001"],
+        "ms_per_face": ms,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", default=str(SHARED / "data/lfw/pairs.txt"))
+    parser.add_argument("--limit", type=int, help="N pairs evenly spread over the list")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", default="runs/lfw_pretrained")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    trials = read_trials(args.pairs)
+    if args.limit:
+        trials = trials[:: max(1, len(trials) // args.limit)][: args.limit]
+    unique = sorted({p for t in trials for p in (t.a, t.b)})
+    index = {p: i for i, p in enumerate(unique)}
+    images = [read_image(p) for p in unique]
+    labels = np.array([t.label for t in trials])
+    folds = np.array([t.fold for t in trials]) if trials[0].fold is not None else None
+    n = len(images)
+
+    model = load_model("dlib_resnet")
+    ours = embed_images(model, images, batch_size=args.batch_size)
+    our_ms = {k: 1000 * v / n for k, v in ours.seconds.items() if k != "read"}
+    our_ms["total"] = sum(our_ms.values())
+
+    dlib = DlibPipeline()
+    tick = time.perf_counter()
+    ref = np.stack([dlib(img) for img in images])
+    dlib_total = time.perf_counter() - tick
+    dlib_ms = {k: 1000 * v / n for k, v in dlib.seconds.items()}
+    dlib_ms["total"] = 1000 * dlib_total / n
+
+    rows = [
+        summary(
+            "facelab (MTCNN + dlib_resnet port)",
+            verification_report(
+                pair_scores(ours.embeddings, index, trials, "cosine"), labels, folds
+            ),
+            our_ms,
+        ),
+        summary(
+            "dlib (HOG + shape model + ResNet)",
+            verification_report(pair_scores(ref, index, trials, "euclidean"), labels, folds),
+            dlib_ms,
+        ),
+    ]
+    ref_unit = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    agreement = np.einsum("ij,ij->i", ours.embeddings, ref_unit)
+    result = {
+        "pairs": len(trials),
+        "images": n,
+        "pairs_file": args.pairs,
+        "no_face_fallbacks": {"facelab": int(ours.fallback.sum()), "dlib": dlib.fallbacks},
+        "descriptor_cosine_facelab_vs_dlib": {
+            "mean": float(agreement.mean()),
+            "median": float(np.median(agreement)),
+            "min": float(agreement.min()),
+        },
+        "rows": rows,
+        "speedup_total": dlib_ms["total"] / our_ms["total"],
+        "threads": torch.get_num_threads(),
+    }
+    atomic_write_text(Path(args.out) / "lfw_pretrained.json", json.dumps(result, indent=2) + "\n")
+
+    print(
+        f"\nLFW {Path(args.pairs).name}: {len(trials)} pairs, {n} images, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        "| pipeline | accuracy | AUC | EER | TPR@FPR=1e-3 | detect ms | align/landmarks ms "
+        "| embed ms | total ms/face |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r, ms, second in ((rows[0], our_ms, "align"), (rows[1], dlib_ms, "landmarks")):
+        std = f" ± {100 * r['accuracy_std']:.2f}" if r["accuracy_std"] is not None else ""
+        embed_key = "embed" if "embed" in ms else "descriptor"
+        print(
+            f"| {r['pipeline']} | {100 * r['accuracy']:.2f}%{std} | {r['auc']:.4f} "
+            f"| {100 * r['eer']:.2f}% | {r['tpr_at_fpr_1e-3']:.3f} | {ms['detect']:.1f} "
+            f"| {ms[second]:.1f} | {ms[embed_key]:.1f} | {ms['total']:.1f} |"
+        )
+    print(f"speed-up (dlib total / facelab total): {result['speedup_total']:.2f}x")
+    print(
+        "no face found (centre fallback): facelab {facelab}, dlib {dlib}".format(
+            **result["no_face_fallbacks"]
+        )
+    )
+    c = result["descriptor_cosine_facelab_vs_dlib"]
+    print(
+        f"descriptor cosine facelab vs dlib, same image: mean {c['mean']:.4f}, "
+        f"median {c['median']:.4f}, min {c['min']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
