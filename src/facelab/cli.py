@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import yaml
 
 from facelab import api
 from facelab.data.images import ImageError
+from facelab.gallery.store import GalleryError
 from facelab.models.checkpoint import CheckpointError
 
 log = logging.getLogger("facelab")
@@ -62,7 +65,14 @@ def _train(args: argparse.Namespace) -> None:
     if not args.resume and not cfg.data:
         raise SystemExit("facelab train: give --data ROOT (or data: in --config)")
     result = train(cfg, resume=args.resume)
-    print(json.dumps({"checkpoint": str(result.checkpoint), "last": result.history[-1] if result.history else None}))
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(result.checkpoint),
+                "last": result.history[-1] if result.history else None,
+            }
+        )
+    )
 
 
 @command("eval")
@@ -79,9 +89,189 @@ def _classify(args: argparse.Namespace) -> None:
 
 @command("verify")
 def _verify(args: argparse.Namespace) -> None:
+    if args.claim:
+        from facelab.gallery import verify_claim
+
+        name, image = args.claim
+        claim = verify_claim(
+            args.gallery,
+            _gallery_model(args),
+            name,
+            image,
+            threshold=args.threshold,
+            far=args.far,
+            no_face=args.no_face,
+        )
+        print(
+            json.dumps(
+                {
+                    "identity": claim.identity,
+                    "image": claim.image,
+                    "score": claim.score,
+                    "decision": "accept" if claim.accepted else "reject",
+                    "threshold": asdict(claim.threshold),
+                    "reason": claim.threshold.describe(),
+                }
+            )
+        )
+        return
+    if not (args.model and args.a and args.b):
+        raise SystemExit("facelab verify: give MODEL A B, or --claim NAME IMAGE")
     model = api.load_model(args.model)
     result = api.verify(model, args.a, args.b, threshold=args.threshold, flip=args.flip)
     print(json.dumps(result.__dict__))
+
+
+def _model_source(args: argparse.Namespace) -> str:
+    """--model as given (a checkpoint as an absolute path), else the source the gallery recorded."""
+    from facelab.gallery import GalleryStore
+
+    if args.model:
+        return str(Path(args.model).resolve()) if Path(args.model).is_file() else args.model
+    if not Path(args.gallery).is_file():
+        raise SystemExit(f"{args.gallery}: no gallery yet; give --model to make one")
+    with GalleryStore(args.gallery) as store:
+        source = store.model_source()
+    if source is None:
+        raise SystemExit(f"{args.gallery}: the gallery does not record its model; give --model")
+    return source
+
+
+def _gallery_model(args: argparse.Namespace) -> Any:
+    return api.load_model(_model_source(args))
+
+
+def _remember_model(args: argparse.Namespace) -> None:
+    """After a command that bound the gallery to a model: record where that model comes from,
+    so later commands on the gallery need no --model."""
+    from facelab.gallery import GalleryStore
+
+    with GalleryStore(args.gallery) as store:
+        store.set_model_source(_model_source(args))
+
+
+@command("enroll")
+def _enroll(args: argparse.Namespace) -> None:
+    from facelab.gallery import enroll, enroll_tree
+
+    options = {"append": args.append, "all_faces": args.all_faces, "no_face": args.no_face}
+    if args.tree and not args.name and not args.images:
+        report = enroll_tree(args.gallery, _gallery_model(args), args.tree, **options)
+    elif args.name and args.images and not args.tree:
+        report = enroll(args.gallery, _gallery_model(args), args.name, args.images, **options)
+    else:
+        raise SystemExit("facelab enroll: give --name NAME IMAGE..., or --tree ROOT")
+    _remember_model(args)
+    print(json.dumps(asdict(report)))
+
+
+@command("identify")
+def _identify(args: argparse.Namespace) -> None:
+    from facelab.gallery import identify
+
+    results = identify(
+        args.gallery,
+        _gallery_model(args),
+        args.images,
+        k=args.k,
+        threshold=args.threshold,
+        far=args.far,
+        method=args.method,
+        aggregate=args.aggregate,
+        all_faces=args.all_faces,
+        no_face=args.no_face,
+    )
+    if args.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["image", "face", "identity", "score", "threshold", "target_far", "top_k"])
+        for r in results:
+            top = ";".join(f"{m.identity}:{m.score:.4f}" for m in r.candidates)
+            writer.writerow(
+                [
+                    r.image,
+                    r.face,
+                    r.identity,
+                    f"{r.score:.4f}",
+                    r.threshold.value,
+                    r.threshold.target_far,
+                    top,
+                ]
+            )
+    else:
+        print(
+            json.dumps(
+                [r.to_dict() | {"reason": r.threshold.describe()} for r in results], indent=2
+            )
+        )
+
+
+@command("map")
+def _map(args: argparse.Namespace) -> None:
+    from facelab.gallery import map_unknown
+
+    result = map_unknown(
+        api.load_model(args.model),
+        args.known,
+        args.unknown,
+        labels=args.labels,
+        out=args.out,
+        method=args.method,
+        aggregate=args.aggregate,
+        no_face=args.no_face,
+    )
+    print(
+        json.dumps(
+            {
+                "out": args.out,
+                "images": len(result.rows),
+                "accuracy": result.accuracy,
+                "labelled": result.labelled,
+            }
+        )
+    )
+
+
+@command("gallery")
+def _gallery(args: argparse.Namespace) -> None:
+    from facelab.gallery import GalleryStore
+
+    with GalleryStore(args.gallery) as store:
+        if args.gallery_command == "list":
+            for identity in store.identities():
+                print(f"{identity.name}\t{identity.images}")
+        elif args.gallery_command == "remove":
+            print(json.dumps({"removed": args.name, "images": store.remove(args.name)}))
+        elif args.gallery_command == "rename":
+            store.rename(args.old, args.new)
+            print(json.dumps({"renamed": args.old, "to": args.new}))
+        else:
+            print(json.dumps(store.stats(), indent=2))
+
+
+@command("calibrate")
+def _calibrate(args: argparse.Namespace) -> None:
+    from facelab.gallery import calibrate
+
+    threshold = calibrate(
+        args.gallery,
+        _gallery_model(args),
+        args.trials,
+        target_far=args.far,
+        images_root=args.images_root,
+        no_face=args.no_face,
+    )
+    _remember_model(args)
+    print(json.dumps(asdict(threshold) | {"reason": threshold.describe()}))
+
+
+@command("eval-identification")
+def _eval_identification(args: argparse.Namespace) -> None:
+    from facelab.gallery import eval_identification, write_lfw_mapping_split
+
+    if args.mapping_split:
+        write_lfw_mapping_split(args.lfw, args.mapping_split)
+    report = eval_identification(api.load_model(args.model), args.lfw, out_dir=args.out)
+    print(json.dumps(report, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,9 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="identity-folder root")
     p.add_argument("--out", help="run folder")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--resume", help="continue from this checkpoint (model, optimizer, schedule, RNG)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override any TrainConfig field, e.g. --set lr=0.05 loss=arcface")
+    p.add_argument(
+        "--resume", help="continue from this checkpoint (model, optimizer, schedule, RNG)"
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any TrainConfig field, e.g. --set lr=0.05 loss=arcface",
+    )
 
     p = sub.add_parser("eval", help="verification metrics of a model on a labelled trial list")
     p.add_argument("model", help="checkpoint file or pretrained model name (e.g. dlib_resnet)")
@@ -109,13 +306,151 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--split", choices=("val", "train"), default="val")
 
-    p = sub.add_parser("verify", help="compare two face images (cosine similarity)")
-    p.add_argument("model")
-    p.add_argument("a")
-    p.add_argument("b")
-    p.add_argument("--threshold", type=float)
+    p = sub.add_parser(
+        "verify",
+        help="compare two face images (cosine similarity), or check a claim against a gallery",
+        parents=[_gallery_options()],
+    )
+    p.add_argument("model", nargs="?", help="with --claim: default, the gallery's model")
+    p.add_argument("a", nargs="?")
+    p.add_argument("b", nargs="?")
+    p.add_argument(
+        "--claim",
+        nargs=2,
+        metavar=("NAME", "IMAGE"),
+        help="1:1: is the face in IMAGE the enrolled NAME?",
+    )
+    _threshold_options(p)
     p.add_argument("--flip", action="store_true")
+
+    p = sub.add_parser(
+        "enroll",
+        help="enroll a person from images, or a whole identity-folder tree",
+        parents=[_gallery_options(), _model_option()],
+    )
+    p.add_argument("--name", help="the person's name (with IMAGE...)")
+    p.add_argument("images", nargs="*", metavar="IMAGE")
+    p.add_argument("--tree", help="identity-folder root: one sub-folder per person")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add images to a name already enrolled (default: refuse)",
+    )
+    p.add_argument(
+        "--all-faces",
+        action="store_true",
+        help="enroll every face of an image (default: the largest)",
+    )
+
+    p = sub.add_parser(
+        "identify",
+        help="1:N: top-k enrolled identities of each face, or unknown",
+        parents=[_gallery_options(), _model_option(), _search_options()],
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("-k", type=int, default=5, help="candidates per face")
+    _threshold_options(p)
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON output (default)")
+    fmt.add_argument("--csv", action="store_true", help="CSV output")
+
+    p = sub.add_parser(
+        "map",
+        help="map each unknown image to the known identity it resembles",
+        parents=[_search_options()],
+    )
+    p.add_argument("--model", required=True, help="checkpoint file or pretrained model name")
+    p.add_argument("--known", required=True, help="identity-folder root of the known people")
+    p.add_argument("--unknown", required=True, help="folder of images to map")
+    p.add_argument("--labels", help="image,identity CSV of the true answers: report accuracy")
+    p.add_argument("--out", required=True, help="image,identity CSV to write")
+    _no_face_option(p, "centre")
+
+    p = sub.add_parser("gallery", help="list, remove, rename identities; gallery statistics")
+    gallery_sub = p.add_subparsers(dest="gallery_command", required=True)
+    gallery_sub.add_parser("list", parents=[_gallery_options()], help="identities and images")
+    q = gallery_sub.add_parser("remove", parents=[_gallery_options()], help="delete an identity")
+    q.add_argument("name")
+    q = gallery_sub.add_parser("rename", parents=[_gallery_options()], help="rename an identity")
+    q.add_argument("old")
+    q.add_argument("new")
+    gallery_sub.add_parser("stats", parents=[_gallery_options()], help="counts, model, thresholds")
+
+    p = sub.add_parser(
+        "calibrate",
+        help="store the threshold for a target FAR on labelled trials",
+        parents=[_gallery_options("centre"), _model_option()],
+    )
+    p.add_argument("trials", help="LFW pairs file or img1,img2,label CSV")
+    p.add_argument("--far", type=float, default=1e-3, help="target false-accept rate")
+    p.add_argument("--images-root", help="where relative image paths resolve")
+
+    p = sub.add_parser(
+        "eval-identification",
+        help="LFW open-set identification (rank-1/5, DIR@FAR) and mapping accuracy",
+    )
+    p.add_argument("model", help="checkpoint file or pretrained model name (e.g. dlib_resnet)")
+    p.add_argument("--lfw", required=True, help="LFW root (with images/)")
+    p.add_argument("--out", help="folder for metrics.json and dir_far.png")
+    p.add_argument(
+        "--mapping-split",
+        metavar="DIR",
+        help="also lay out the LFW mapping task there (symlinks) for `facelab map`",
+    )
     return parser
+
+
+def _gallery_options(no_face: str = "error") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--gallery", default="gallery.db", help="gallery file (default gallery.db)")
+    _no_face_option(p, no_face)
+    return p
+
+
+def _no_face_option(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--no-face",
+        choices=("error", "skip", "centre"),
+        default=default,
+        help=f"no face found: error, skip the image, or assume a centred face (default {default})",
+    )
+
+
+def _model_option() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", help="checkpoint or pretrained name (default: the gallery's model)")
+    return p
+
+
+def _search_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--method",
+        choices=("exact", "flat", "hnsw", "ivf"),
+        default="exact",
+        help="exact matrix product (default) or a FAISS index",
+    )
+    p.add_argument(
+        "--aggregate",
+        choices=("max", "mean"),
+        default="max",
+        help="identity score: best enrolled image (default) or mean template",
+    )
+    p.add_argument(
+        "--all-faces", action="store_true", help="use every face of an image (default: the largest)"
+    )
+    return p
+
+
+def _threshold_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--threshold", type=float, help="decision threshold on cosine similarity")
+    group.add_argument(
+        "--far",
+        type=float,
+        help="use the gallery's threshold calibrated for this target FAR "
+        "(default: its most recently calibrated one)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,7 +461,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         COMMANDS[args.command](args)
-    except (ImageError, CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (
+        ImageError,
+        CheckpointError,
+        GalleryError,
+        FileNotFoundError,
+        KeyError,
+        ValueError,
+    ) as exc:
         log.error("%s", exc)
         return 2
     return 0

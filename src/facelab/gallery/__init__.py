@@ -1,0 +1,58 @@
+"""Galleries: enrolled identities in one SQLite file, top-k search over them (exact or FAISS),
+1:1 claims, 1:N open-set identification, mapping unknown faces, calibrated thresholds."""
+
+from facelab.gallery.search import GallerySearch, Match, build_index
+from facelab.gallery.service import (
+    Claim,
+    EnrollReport,
+    Face,
+    Identification,
+    LfwSplit,
+    MappingResult,
+    calibrate,
+    enroll,
+    enroll_people,
+    enroll_tree,
+    eval_identification,
+    find_faces,
+    identify,
+    map_unknown,
+    verify_claim,
+    write_lfw_mapping_split,
+)
+from facelab.gallery.store import (
+    SCHEMA_VERSION,
+    UNKNOWN,
+    GalleryError,
+    GalleryStore,
+    ModelInfo,
+    Threshold,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "UNKNOWN",
+    "Claim",
+    "EnrollReport",
+    "Face",
+    "GalleryError",
+    "GallerySearch",
+    "GalleryStore",
+    "Identification",
+    "LfwSplit",
+    "MappingResult",
+    "Match",
+    "ModelInfo",
+    "Threshold",
+    "build_index",
+    "calibrate",
+    "enroll",
+    "enroll_people",
+    "enroll_tree",
+    "eval_identification",
+    "find_faces",
+    "identify",
+    "map_unknown",
+    "verify_claim",
+    "write_lfw_mapping_split",
+]
