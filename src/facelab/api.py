@@ -12,15 +12,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from facelab.data.folders import IdentityFolder, Sample
-from facelab.data.images import read_image
+from facelab.data.folders import IdentityFolder, Sample, list_images
 from facelab.data.trials import Trial, read_trials
 from facelab.eval.metrics import roc_curve, verification_report
-from facelab.fileio import atomic_write_text
+from facelab.fileio import atomic_write, atomic_write_text
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint
 from facelab.models.face_model import FaceModel
-from facelab.models.registry import BACKBONES, HEADS
-from facelab.pipeline import ImageLike, embed_images
+from facelab.models.registry import BACKBONES
+from facelab.pipeline import Embedded, ImageLike, embed_images
+from facelab.submission import load_classifier as load_classifier
+from facelab.submission import predict_folder as predict_folder
+from facelab.submission import score_trial_file as score_trial_file
 from facelab.train.loop import topk_accuracy
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,44 @@ def load_model(spec: str | Path, device: str | None = None) -> FaceModel:
 def embed(model: FaceModel, images: Sequence[ImageLike], flip: bool = False) -> np.ndarray:
     """L2-normalised embeddings (N, D) of images given as paths or RGB uint8 arrays."""
     return embed_images(model, images, flip=flip, progress=False).embeddings
+
+
+def embed_directory(
+    model: FaceModel,
+    root: str | Path,
+    batch_size: int = 32,
+    flip: bool = False,
+    fast: bool = True,
+    progress: bool = True,
+) -> Embedded:
+    """Embed every image under `root` (recursively, sorted), largest face each, in batches.
+
+    fast: run a traced, frozen copy of the model (`FaceModel.for_inference`).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder of images")
+    paths = list_images(root)
+    if not paths:
+        raise ValueError(f"{root}: no images found")
+    runner = model.for_inference() if fast else model
+    return embed_images(runner, paths, flip=flip, batch_size=batch_size, progress=progress)
+
+
+def save_embeddings(result: Embedded, model: FaceModel, out: str | Path) -> Path:
+    """Write paths, embeddings, no-face flags and the model fingerprint to an .npz, atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        paths=np.array([str(p) for p in result.paths]),
+        embeddings=result.embeddings,
+        no_face=result.fallback,
+        model=np.array(model.name),
+        fingerprint=np.array(model.fingerprint()),
+    )
+    return atomic_write(out, lambda fh: fh.write(buffer.getvalue()))
 
 
 @dataclass(frozen=True)
@@ -113,40 +153,34 @@ def evaluate(
     return report
 
 
-def classify(checkpoint: str | Path, split: str = "val", batch_size: int = 256) -> dict[str, float]:
-    """Top-1/top-5 accuracy of a classification checkpoint on the held-out images of its own
-    training identities (the same deterministic split the run used)."""
+def run_images(config: dict[str, Any], split: str = "val") -> tuple[tuple[str, ...], list[Sample]]:
+    """The identities a training run (its saved config) learnt and its held-out ("val") or
+    training images: the same deterministic split the run made, so that accuracy and
+    submission checks use images the run never trained on."""
     from facelab.data.folders import split_images
     from facelab.train.config import TrainConfig
     from facelab.train.loop import people_in
 
-    payload = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(payload["config"])
-    model = model_from_checkpoint(payload).eval()
-    head_info = payload["head"]
-    head = HEADS.create(
-        head_info["name"],
-        embedding_dim=head_info["embedding_dim"],
-        num_classes=len(head_info["classes"]),
-        **cfg.head_options,
-    )
-    head.load_state_dict(payload["head_state"])
-    head.eval()
+    cfg = TrainConfig.from_dict(config)
     excluded = set().union(*(people_in(p) for p in cfg.exclude_people))
     folder = IdentityFolder.scan(cfg.data, cfg.min_images, exclude=excluded or None)
-    if list(folder.identities) != head_info["classes"]:
-        raise ValueError(f"{cfg.data}: identities differ from those {checkpoint} was trained on")
     train_part, val_part = split_images(folder.samples, cfg.val_fraction, cfg.seed)
-    samples: list[Sample] = val_part if split == "val" else train_part
+    return folder.identities, val_part if split == "val" else train_part
+
+
+def classify(checkpoint: str | Path, split: str = "val", batch_size: int = 256) -> dict[str, float]:
+    """Top-1/top-5 accuracy of a classification checkpoint on the held-out images of its own
+    training identities (the same deterministic split the run used)."""
+    clf = load_classifier(checkpoint)
+    identities, samples = run_images(clf.config, split)
+    if identities != clf.classes:
+        raise ValueError(
+            f"{clf.config['data']}: identities differ from those {checkpoint} was trained on"
+        )
     if not samples:
         raise ValueError(f"{checkpoint}: its run held out no images (val_fraction 0)")
-    logits = []
-    with torch.inference_mode():
-        for start in range(0, len(samples), batch_size):
-            faces = [
-                model.preprocess.to_tensor(read_image(s.path))
-                for s in samples[start : start + batch_size]
-            ]
-            logits.append(head(model.backbone(torch.stack(faces))))
+    logits = embed_images(
+        clf.model, [s.path for s in samples], batch_size=batch_size, progress=False
+    ).embeddings
     labels = torch.tensor([s.label for s in samples])
-    return {**topk_accuracy(torch.cat(logits), labels), "images": len(samples)}
+    return {**topk_accuracy(torch.from_numpy(logits), labels), "images": len(samples)}

@@ -65,6 +65,8 @@ def _train(args: argparse.Namespace) -> None:
     if not args.resume and not cfg.data:
         raise SystemExit("facelab train: give --data ROOT (or data: in --config)")
     result = train(cfg, resume=args.resume)
+    if not result.main_process:  # under torchrun only rank 0 reports
+        return
     print(
         json.dumps(
             {
@@ -85,6 +87,22 @@ def _eval(args: argparse.Namespace) -> None:
 @command("classify")
 def _classify(args: argparse.Namespace) -> None:
     print(json.dumps(api.classify(args.checkpoint, split=args.split)))
+
+
+@command("embed")
+def _embed(args: argparse.Namespace) -> None:
+    model = api.load_model(args.model)
+    result = api.embed_directory(
+        model, args.folder, batch_size=args.batch_size, flip=args.flip, fast=not args.eager
+    )
+    api.save_embeddings(result, model, args.out)
+    n = len(result.paths)
+    total = sum(result.seconds.values())
+    print(json.dumps({
+        "out": args.out, "images": n, "no_face": int(result.fallback.sum()),
+        "faces_per_s": round(n / max(total, 1e-9), 1),
+        "ms_per_face": {k: round(1000 * v / n, 2) for k, v in result.seconds.items()},
+    }))
 
 
 @command("verify")
@@ -301,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-root", help="where relative image paths resolve")
     p.add_argument("--flip", action="store_true", help="add the mirrored face's embedding")
     p.add_argument("--out", help="folder for metrics.json, roc.png, scores.png")
+
+    p = sub.add_parser("embed", help="embed every image of a folder into an .npz")
+    p.add_argument("folder")
+    p.add_argument("--out", required=True, help="embeddings.npz")
+    p.add_argument("--model", default="dlib_resnet", help="checkpoint or pretrained model name")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--flip", action="store_true", help="add the mirrored face's embedding")
+    p.add_argument("--eager", action="store_true", help="skip the traced, frozen fast path")
 
     p = sub.add_parser("classify", help="top-1/top-5 accuracy on a run's held-out images")
     p.add_argument("checkpoint")

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".pgm", ".ppm"}
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Every image file below `root`, sorted, following symbolic links to folders."""
+    found = []
+    for folder, _, files in os.walk(root, followlinks=True):
+        found += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -23,13 +24,19 @@ class FaceModel(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, preprocess: Preprocess, name: str, kwargs: dict[str, Any]
+        self,
+        backbone: nn.Module,
+        preprocess: Preprocess,
+        name: str,
+        kwargs: dict[str, Any],
+        frozen_fingerprint: str | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.preprocess = preprocess
         self.name = name
         self.kwargs = dict(kwargs)
+        self.frozen_fingerprint = frozen_fingerprint
 
     @classmethod
     def create(cls, name: str, preprocess: Preprocess | None = None, **kwargs: Any) -> FaceModel:
@@ -53,11 +60,20 @@ class FaceModel(nn.Module):
             self.backbone.train(was_training)
         return int(dim)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (a frozen backbone has constants, not parameters)."""
+        for tensor in self.backbone.state_dict().values():
+            return tensor.device
+        return torch.device("cpu")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.backbone(x), dim=1)
 
     def fingerprint(self) -> str:
         """Identifies model + weights + preprocessing: embeddings are comparable only within one."""
+        if self.frozen_fingerprint is not None:
+            return self.frozen_fingerprint
         digest = hashlib.sha256()
         digest.update(f"{self.name}|{sorted(self.kwargs.items())}|".encode())
         digest.update(self.preprocess.fingerprint().encode())
@@ -65,6 +81,24 @@ class FaceModel(nn.Module):
             digest.update(key.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+    def for_inference(self) -> FaceModel:
+        """A copy for fast CPU/GPU inference (same outputs to float tolerance, not trainable).
+
+        The backbone is traced and frozen with TorchScript, whose frozen-graph passes fold
+        batch-norm and per-channel scale/shift layers into the preceding convolutions and let
+        oneDNN pick its weight layouts. The fingerprint stays that of the original weights.
+        """
+        self.eval()
+        size = self.preprocess.size
+        example = torch.zeros(2, 3, size, size, device=self.device)
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            # Shape checks in forward() become constants of the trace: intended, the input
+            # size is fixed by the preprocessing.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(self.backbone, example, check_trace=False)
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+        return FaceModel(frozen, self.preprocess, self.name, self.kwargs, self.fingerprint())
 
     @torch.inference_mode()
     def embed_tensors(
@@ -75,7 +109,7 @@ class FaceModel(nn.Module):
         flip: add the embedding of the mirrored face before normalising (as insightface does).
         """
         self.eval()
-        device = next(self.parameters()).device
+        device = self.device
         out = []
         for start in range(0, len(inputs), batch_size):
             x = inputs[start : start + batch_size].to(device)
