@@ -1,0 +1,196 @@
+"""Detect -> align -> embed speed of facelab beside dlib (and face_recognition), in ONE run.
+
+Same decoded images for every pipeline (default: the first 500 distinct images of LFW
+pairsDevTest.txt). Times, per face, medians over `--repeats` runs:
+  dlib: HOG detector + 5-point shape model + ResNet descriptor (batch 1, as dlib's API works);
+  face_recognition.face_encodings (HOG, "small" 5-point model) when it imports;
+  facelab: MTCNN port + five-point alignment + dlib_resnet port, at batch 1 and batch 32, with
+  the traced/frozen fast path and (batch 32) without it, plus channels_last and optional
+  torch.compile variants of the embedding stage alone.
+Also: cosine agreement of facelab's and dlib's descriptors on the same images, and the
+achieved GFLOP/s of each facelab stage against this machine's float32 matmul peak measured
+in the same run.
+
+    python benchmarks/bench_pipeline.py [--images 500] [--repeats 3] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from dlib_reference import DlibPipeline, model_file
+from torch.utils.flop_counter import FlopCounterMode
+
+from facelab import load_model
+from facelab.data.images import read_image
+from facelab.data.trials import read_trials
+from facelab.models.registry import DETECTORS
+from facelab.pipeline import embed_images
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    tick = time.perf_counter()
+    fn()
+    return time.perf_counter() - tick
+
+
+def import_face_recognition() -> types.ModuleType | None:
+    """face_recognition imports face_recognition_models, which needs pkg_resources (gone from
+    current setuptools); a two-function stand-in resolving its model files lets it import."""
+    if importlib.util.find_spec("face_recognition") is None:
+        return None
+    if importlib.util.find_spec("pkg_resources") is None:
+        shim = types.ModuleType("pkg_resources")
+        shim.resource_filename = lambda _pkg, name: model_file(Path(name).name)  # type: ignore[attr-defined]
+        sys.modules["pkg_resources"] = shim
+    import face_recognition
+
+    return face_recognition
+
+
+def flops_of(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", default=str(SHARED / "data/lfw/pairsDevTest.txt"))
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    args = parser.parse_args()
+
+    paths = list(dict.fromkeys(p for t in read_trials(args.pairs) for p in (t.a, t.b)))
+    images = [read_image(p) for p in paths[: args.images]]
+    n = len(images)
+    peak = matmul_peak_gflops()
+    rows: list[tuple[str, dict[str, float]]] = []
+
+    def record(name: str, runs: list[dict[str, float]]) -> dict[str, float]:
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        rows.append((name, med))
+        return med
+
+    dlib = DlibPipeline()
+    ref: np.ndarray | None = None
+    runs = []
+    for _ in range(args.repeats):
+        dlib.seconds = dict.fromkeys(dlib.seconds, 0.0)
+        tick = time.perf_counter()
+        ref = np.stack([dlib(img) for img in images])
+        total = time.perf_counter() - tick
+        runs.append(
+            {**{k: 1000 * v / n for k, v in dlib.seconds.items()}, "total": 1000 * total / n}
+        )
+    dlib_ms = record("dlib: HOG + shape model + ResNet (batch 1)", runs)
+
+    face_recognition = import_face_recognition()
+    if face_recognition is not None:
+        runs = []
+        for _ in range(args.repeats):
+            tick = time.perf_counter()
+            for img in images:
+                face_recognition.face_encodings(img)
+            runs.append({"total": 1000 * (time.perf_counter() - tick) / n})
+        record("face_recognition.face_encodings", runs)
+
+    model = load_model("dlib_resnet")
+    fast = model.for_inference()
+    detector = DETECTORS.create("mtcnn")
+    results = {}
+    for label, runner, batch in (
+        ("facelab batch 1 (fast path)", fast, 1),
+        ("facelab batch 32 (eager)", model, 32),
+        ("facelab batch 32 (fast path)", fast, 32),
+    ):
+        runs = []
+        for _ in range(args.repeats):
+            tick = time.perf_counter()
+            out = embed_images(runner, images, batch_size=batch, detector=detector, progress=False)
+            total = time.perf_counter() - tick
+            stages = {k: 1000 * v / n for k, v in out.seconds.items() if k != "read"}
+            runs.append({**stages, "total": 1000 * total / n})
+        results[label] = out
+        record(label, runs)
+
+    # Embedding stage alone, other fast-path candidates, on the aligned faces of the last run.
+    spec = model.preprocess
+    x = torch.randn(32, 3, spec.size, spec.size)
+    variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "eager": model.backbone,
+        "traced+frozen": fast.backbone,
+    }
+    cl = load_model("dlib_resnet").backbone.to(memory_format=torch.channels_last)
+    variants["channels_last"] = lambda t: cl(t.contiguous(memory_format=torch.channels_last))
+    if args.compile:
+        variants["torch.compile"] = torch.compile(load_model("dlib_resnet").backbone)
+    embed_only = {}
+    with torch.inference_mode():
+        for name, fn in variants.items():
+            fn(x)
+            embed_only[name] = (
+                1000 * min(_timed(lambda f=fn: f(x)) for _ in range(args.repeats)) / 32
+            )
+
+    embed_flops = flops_of(lambda: model.backbone(x[:1]))
+    detect_flops = flops_of(lambda: detector.detect(images[:32])) / min(32, n)
+    best = dict(rows)["facelab batch 32 (fast path)"]
+    ours = results["facelab batch 32 (fast path)"].embeddings
+    ref_unit = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    cos = np.einsum("ij,ij->i", ours, ref_unit)
+
+    print(
+        f"\n{n} LFW images ({Path(args.pairs).name}), {torch.get_num_threads()} torch threads, "
+        f"median of {args.repeats} runs; float32 matmul peak {peak:.1f} GFLOP/s\n"
+    )
+    print(
+        "| pipeline | detect ms | align/landmarks ms | embed ms | total ms/face | faces/s "
+        "| dlib time / this |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, ms in rows:
+        second = ms.get("align", ms.get("landmarks"))
+        embed_ms = ms.get("embed", ms.get("descriptor"))
+        cells = [f"{v:.1f}" if v is not None else "" for v in (ms.get("detect"), second, embed_ms)]
+        print(
+            f"| {name} | {' | '.join(cells)} | {ms['total']:.1f} | {1000 / ms['total']:.1f} "
+            f"| {dlib_ms['total'] / ms['total']:.2f}x |"
+        )
+    print(
+        "\nembedding stage alone, batch 32, ms/face: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in embed_only.items())
+    )
+    print(
+        f"achieved: detect {detect_flops / best['detect'] / 1e6:.1f} GFLOP/s "
+        f"({detect_flops / 1e9:.2f} GFLOP/face), embed {embed_flops / best['embed'] / 1e6:.1f} "
+        f"GFLOP/s ({embed_flops / 1e9:.2f} GFLOP/face); peak {peak:.1f} GFLOP/s"
+    )
+    print(
+        f"descriptor cosine facelab vs dlib on the same images: mean {cos.mean():.4f}, "
+        f"median {np.median(cos):.4f}, min {cos.min():.4f}; no face: facelab "
+        f"{int(results['facelab batch 32 (fast path)'].fallback.sum())}, dlib {dlib.fallbacks}"
+    )
+
+
+if __name__ == "__main__":
+    main()
