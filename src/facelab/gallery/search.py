@@ -68,8 +68,8 @@ class ExactIndex:
 class FaissIndex:
     """A FAISS inner-product index: ``flat`` (exact), ``hnsw`` or ``ivf`` (approximate).
 
-    hnsw_m / ef_search trade HNSW memory and latency for recall; nlist (default 4 sqrt N) and
-    nprobe do the same for IVF.
+    hnsw_m / ef_search trade HNSW memory and latency for recall; nlist (default sqrt N) and
+    nprobe (cells scanned per query) do the same for IVF.
     """
 
     def __init__(
@@ -80,7 +80,7 @@ class FaissIndex:
         ef_construction: int = 40,
         ef_search: int = 64,
         nlist: int | None = None,
-        nprobe: int = 16,
+        nprobe: int = 32,
         seed: int = 0,
     ) -> None:
         try:
@@ -100,13 +100,12 @@ class FaissIndex:
             self.index.hnsw.efConstruction = ef_construction
         elif kind == "ivf":
             # k-means wants >= 39 training points per cell; small galleries get fewer cells.
-            cells = nlist or int(4 * math.sqrt(n))
-            cells = max(1, min(cells, n // 39))
+            cells = max(1, min(nlist or int(math.sqrt(n)), n // 39))
             quantizer = faiss.IndexFlatIP(dim)
             self.index = faiss.IndexIVFFlat(quantizer, dim, cells, faiss.METRIC_INNER_PRODUCT)
             sample = vectors
-            if n > 256 * cells:  # FAISS's own cap on useful training points per cell
-                sample = vectors[np.random.default_rng(seed).choice(n, 256 * cells, replace=False)]
+            if n > 64 * cells:  # more training points barely move the centroids, only the cost
+                sample = vectors[np.random.default_rng(seed).choice(n, 64 * cells, replace=False)]
             self.index.cp.seed = seed
             self.index.train(sample)
             self.index.nprobe = min(nprobe, cells)

@@ -21,9 +21,7 @@ more often (up to about N times the 1:1 FAR), which `eval_identification` measur
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import math
@@ -38,6 +36,7 @@ from tqdm import tqdm
 
 from facelab.data.folders import IMAGE_SUFFIXES, IdentityFolder
 from facelab.data.images import read_image
+from facelab.data.layout import read_labels
 from facelab.data.trials import read_trials
 from facelab.eval.identification import (
     detection_identification_rate,
@@ -45,7 +44,7 @@ from facelab.eval.identification import (
     rank_k_accuracy,
 )
 from facelab.eval.metrics import tpr_at_fpr
-from facelab.fileio import atomic_write_text
+from facelab.fileio import atomic_write_csv, atomic_write_text
 from facelab.gallery.search import GallerySearch, Match, identity_rows
 from facelab.gallery.store import (
     MEMORY,
@@ -63,6 +62,7 @@ from facelab.pipeline import ImageLike, centred_landmarks
 log = logging.getLogger(__name__)
 
 NO_FACE_POLICIES = ("error", "skip", "centre")
+MAPPING_COLUMNS = ("image", "identity")  # the header of `facelab map`'s CSV
 GalleryLike = GalleryStore | str | Path
 
 
@@ -136,7 +136,7 @@ def find_faces(
                 order = np.argsort(-area, kind="stable")
                 if not all_faces:
                     if len(order) > 1:
-                        log.info("%s: %d faces, using the largest", name, len(order))
+                        log.debug("%s: %d faces, using the largest", name, len(order))
                     order = order[:1]
                 for number, j in enumerate(order):
                     box = tuple(float(v) for v in det.boxes[j])
@@ -397,24 +397,14 @@ def _image_files(root: Path) -> list[Path]:
     return files
 
 
-def read_labels(path: str | Path) -> dict[str, str]:
-    """`image,identity` CSV (header optional) -> {image: identity}."""
-    rows = [r for r in csv.reader(Path(path).read_text().splitlines()) if r]
-    if rows and [c.strip().lower() for c in rows[0]] == ["image", "identity"]:
-        rows = rows[1:]
-    for i, row in enumerate(rows, start=1):
-        if len(row) != 2:
-            raise ValueError(f"{path}: row {i} is not image,identity")
-    return {row[0].strip(): row[1].strip() for row in rows}
-
-
-def write_mapping_csv(rows: Sequence[tuple[str, str, float]], path: str | Path) -> Path:
-    """The submission file: `image,identity`, one row per unknown image."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["image", "identity"])
-    writer.writerows((image, identity) for image, identity, _ in rows)
-    return atomic_write_text(path, buf.getvalue())
+def write_mapping_csv(
+    rows: Sequence[tuple[str, str, float]],
+    path: str | Path,
+    columns: Sequence[str] = MAPPING_COLUMNS,
+) -> Path:
+    """The submission file: one (image, identity) row per unknown image, under the header
+    `columns` (default `image,identity`), written like every facelab submission CSV."""
+    return atomic_write_csv(path, columns, ((image, identity) for image, identity, _ in rows))
 
 
 def _accuracy(
@@ -439,6 +429,7 @@ def map_unknown(
     no_face: str = "centre",
     detector: str | object = "mtcnn",
     progress: bool = True,
+    columns: Sequence[str] = MAPPING_COLUMNS,
 ) -> MappingResult:
     """Map each image under `unknown` to the known identity (a sub-folder of `known`) it most
     resembles. Several images may map to one identity; nobody is rejected (closed set).
@@ -467,7 +458,7 @@ def map_unknown(
         for i, m in zip(kept, matches, strict=True)
     ]
     if out is not None:
-        write_mapping_csv(rows, out)
+        write_mapping_csv(rows, out, columns)
     if labels is None:
         return MappingResult(rows, None, 0)
     accuracy, labelled = _accuracy(rows, read_labels(labels))

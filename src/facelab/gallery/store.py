@@ -157,8 +157,10 @@ class GalleryStore:
 
     def __init__(self, path: str | Path, create: bool = False, timeout: float = 60.0) -> None:
         self.path = str(path)
-        if self.path != MEMORY and not create and not Path(self.path).is_file():
-            raise GalleryError(f"{self.path}: no gallery file (enroll someone to create it)")
+        if self.path != MEMORY:
+            if not create and not Path(self.path).is_file():
+                raise GalleryError(f"{self.path}: no gallery file (enroll someone to create it)")
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             self._conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
         except sqlite3.Error as exc:
