@@ -4,12 +4,12 @@ Three cascaded networks: P-Net scores every 12x12 window of an image pyramid, R-
 and refines 24x24 crops of the survivors, O-Net does the same on 48x48 crops and adds five
 landmarks. The arithmetic (pyramid sizes, box rounding, area resampling, NMS conventions and
 thresholds) follows facenet-pytorch so the detections match its own; unlike it, nothing here
-needs torchvision, and all crops of a stage are resampled at once from an integral image.
+needs torchvision, and each pyramid level and all crops of a stage are area-resampled in one
+gather from an integral image.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -301,18 +301,6 @@ def _bin_means(integral: Tensor, corners: Tensor, counts: Tensor) -> Tensor:
     return (total.float() / counts[:, None].float() - 127.5) * 0.0078125
 
 
-@functools.lru_cache(maxsize=16)
-def _level_plan(
-    h: int, w: int, size: tuple[int, int], device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """`_bin_corners` of a whole h x w image (the first of a batch) resampled to `size`.
-
-    The same for every image of that size, so a pyramid level costs one gather per batch.
-    """
-    zero = torch.zeros(1, dtype=torch.long, device=device)
-    return _bin_corners(zero, zero + h, zero, zero + w, size, w + 1)
-
-
 def _crops(integral: Tensor, boxes: Tensor, image_idx: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """Cut each box out of its image and area-resample it to size x size.
 
@@ -429,16 +417,14 @@ class MTCNN(nn.Module):
     def _propose(self, integral: Tensor) -> tuple[Tensor, Tensor]:
         """Stage 1: P-Net windows on every pyramid level, NMS per level then across levels."""
         n_images, h1, w1, _ = integral.shape
-        device = integral.device
-        image_start = torch.arange(n_images, device=device)[:, None] * (h1 * w1)
-        scales = self._scales(h1 - 1, w1 - 1)
+        h, w, device = h1 - 1, w1 - 1, integral.device
+        top = torch.arange(n_images, device=device) * h1  # each image's first row
+        left = torch.zeros_like(top)
+        scales = self._scales(h, w)
         found = []
         for scale in scales:
-            size = (int((h1 - 1) * scale + 1), int((w1 - 1) * scale + 1))
-            corners, counts = _level_plan(h1 - 1, w1 - 1, size, device)
-            level = _bin_means(
-                integral, (corners[:, None] + image_start).flatten(1), counts.repeat(n_images)
-            )
+            size = (int(h * scale + 1), int(w * scale + 1))
+            level = _bin_means(integral, *_bin_corners(top, top + h, left, left + w, size, w1))
             offsets, prob = self.pnet(level.view(n_images, *size, 3).permute(0, 3, 1, 2))
             hit = prob >= self.thresholds[0]
             found.append((hit.nonzero(), prob[hit], offsets.permute(0, 2, 3, 1)[hit]))
