@@ -18,6 +18,7 @@ from facelab import api
 from facelab.data.images import ImageError
 from facelab.gallery.store import GalleryError
 from facelab.models.checkpoint import CheckpointError
+from facelab.submission import ID_STYLES, parse_columns
 
 log = logging.getLogger("facelab")
 
@@ -236,6 +237,7 @@ def _map(args: argparse.Namespace) -> None:
         method=args.method,
         aggregate=args.aggregate,
         no_face=args.no_face,
+        columns=parse_columns(args.columns),
     )
     print(
         json.dumps(
@@ -290,6 +292,97 @@ def _eval_identification(args: argparse.Namespace) -> None:
         write_lfw_mapping_split(args.lfw, args.mapping_split)
     report = eval_identification(api.load_model(args.model), args.lfw, out_dir=args.out)
     print(json.dumps(report, indent=2))
+
+
+@command("predict")
+def _predict(args: argparse.Namespace) -> None:
+    columns = parse_columns(args.columns)
+    rows = api.predict_folder(args.checkpoint, args.test_dir, args.out, columns, flip=args.flip)
+    print(json.dumps({"out": args.out, "images": len(rows)}))
+
+
+@command("score")
+def _score(args: argparse.Namespace) -> None:
+    summary = api.score_trial_file(
+        api.load_model(args.model),
+        args.trials,
+        args.out,
+        columns=parse_columns(args.columns),
+        id_style=args.id,
+        images_root=args.images_root,
+        flip=args.flip,
+        chunk_size=args.chunk_size,
+    )
+    print(json.dumps(summary.to_dict()))
+
+
+@command("data")
+def _data(args: argparse.Namespace) -> None:
+    if args.data_command == "layout":
+        from facelab.data.layout import layout_from_labels
+
+        layout = layout_from_labels(args.src, args.labels, args.dst)
+        print(json.dumps(asdict(layout) | {"dest": str(layout.dest)}))
+        return
+    from facelab.data.check import check_dataset
+
+    pairs = [s.split("=", 1) for s in args.splits or ["all=."]]
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit("--splits expects NAME=DIR, e.g. train=train test=test")
+    check = check_dataset({name: Path(args.root) / d for name, d in pairs}, args.workers)
+    if args.out:
+        from facelab.fileio import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(check.to_dict(), indent=2) + "\n")
+    print(json.dumps(check.summary(), indent=2))
+    if args.strict and not check.ok:
+        raise SystemExit("facelab data check --strict: unreadable files or cross-split duplicates")
+
+
+def _add_submission_commands(sub: Any) -> None:
+    p = sub.add_parser("predict", help="id,label CSV for a flat folder of unlabelled test images")
+    p.add_argument("checkpoint", help="classification checkpoint (with its head)")
+    p.add_argument("test_dir", help="flat folder of test images")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--columns", default="id,label", help="header of the CSV (default id,label)")
+    p.add_argument("--flip", action="store_true", help="add the mirrored face's logits")
+
+    p = sub.add_parser("score", help="cosine score of every trial of an unlabelled list, as CSV")
+    p.add_argument("model", help="checkpoint file or pretrained model name")
+    p.add_argument("trials", help="img1,img2 CSV or a text file of 'img1 img2' lines")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--columns", default="Id,Category", help="header (default Id,Category)")
+    p.add_argument(
+        "--id",
+        choices=ID_STYLES,
+        default="pair",
+        help="id column: 'img1 img2' as in the list (default) or the 0-based row number",
+    )
+    p.add_argument("--images-root", help="where image names resolve (default: the list's folder)")
+    p.add_argument("--flip", action="store_true", help="add the mirrored face's embedding")
+    p.add_argument("--chunk-size", type=int, default=65536, help="trials scored at a time")
+
+    p = sub.add_parser("data", help="check a data set, or lay one out as identity folders")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser(
+        "check", help="images per identity, unreadable files, duplicates across splits"
+    )
+    q.add_argument("root", help="data set folder (an identity folder unless --splits)")
+    q.add_argument(
+        "--splits",
+        nargs="+",
+        metavar="NAME=DIR",
+        help="splits to check together, DIR relative to ROOT, e.g. train=train val=val test=test",
+    )
+    q.add_argument("--strict", action="store_true", help="exit 1 on unreadable files or leaks")
+    q.add_argument("--out", help="JSON report with every count and file")
+    q.add_argument("--workers", type=int, default=2, help="decoding threads")
+    q = data_sub.add_parser(
+        "layout", help="identity folders of symbolic links from an image,identity CSV"
+    )
+    q.add_argument("src", help="folder of images")
+    q.add_argument("dst", help="identity-folder root to create")
+    q.add_argument("--labels", required=True, help="image,identity CSV (image relative to SRC)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -391,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="image,identity CSV of the true answers: report accuracy")
     p.add_argument("--out", required=True, help="image,identity CSV to write")
     _no_face_option(p, "centre")
+    p.add_argument("--columns", default="image,identity", help="header of the CSV")
 
     p = sub.add_parser("gallery", help="list, remove, rename identities; gallery statistics")
     gallery_sub = p.add_subparsers(dest="gallery_command", required=True)
@@ -423,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also lay out the LFW mapping task there (symlinks) for `facelab map`",
     )
+    _add_submission_commands(sub)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,28 +65,34 @@ def read_lfw_pairs(path: str | Path, images_root: str | Path | None = None) -> l
     return trials
 
 
+def iter_trial_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line number, [img1, img2(, label)]) from a CSV or a whitespace-separated text
+    file, one line at a time, so that a list of a million trials never sits in memory as a
+    whole; a header row (first row, no file suffix in its first two fields) is skipped."""
+    path = Path(path)
+    with path.open(newline="") as fh:
+        first = fh.readline()
+        fh.seek(0)
+        rows: Iterable[list[str]] = csv.reader(fh) if "," in first else (ln.split() for ln in fh)
+        for i, row in enumerate(rows, start=1):
+            row = [c.strip() for c in row if c.strip()]
+            if not row:
+                continue
+            if len(row) not in (2, 3):
+                raise ValueError(f"{path}:{i}: expected img1,img2[,label], got {len(row)} fields")
+            if i == 1 and not (Path(row[0]).suffix or Path(row[1]).suffix):
+                continue  # header row such as "img1,img2,label"
+            yield i, row
+
+
 def read_trial_csv(path: str | Path, images_root: str | Path | None = None) -> list[Trial]:
     """Read a CSV of `img1,img2[,label]` (a header row is detected and skipped) or a text file
     of whitespace-separated `img1 img2 [label]` lines. Relative paths resolve against
     `images_root` (default: the file's folder)."""
     path = Path(path)
     root = Path(images_root) if images_root is not None else path.parent
-    text = path.read_text()
-    first = text.splitlines()[0] if text.strip() else ""
-    rows = (
-        list(csv.reader(text.splitlines()))
-        if "," in first
-        else [ln.split() for ln in text.splitlines()]
-    )
     trials = []
-    for i, row in enumerate(rows, start=1):
-        row = [c.strip() for c in row if c.strip()]
-        if not row:
-            continue
-        if len(row) not in (2, 3):
-            raise ValueError(f"{path}:{i}: expected img1,img2[,label], got {len(row)} fields")
-        if i == 1 and not (Path(row[0]).suffix or Path(row[1]).suffix):
-            continue  # header row such as "img1,img2,label"
+    for i, row in iter_trial_rows(path):
         label: int | None = None
         if len(row) == 3:
             try:
