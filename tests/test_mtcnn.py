@@ -10,7 +10,6 @@ differently). On the first 40 images: mean IoU 0.99999, landmark error 0.0004 px
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,11 @@ import pytest
 import torch
 
 from facelab.data.images import read_image
-from facelab.models.converters.mtcnn_weights import NETS, WeightsError
+from facelab.models.converters.mtcnn_weights import (
+    NETS,
+    WeightsError,
+    facenet_pytorch_weights_dir,
+)
 from facelab.models.detectors.mtcnn import MTCNN, Detections, largest_face, mtcnn
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -28,10 +31,10 @@ REFERENCE = SHARED / "reference" / "mtcnn_facenet_pytorch.json"
 
 
 def _facenet_weights_dir() -> Path | None:
-    spec = importlib.util.find_spec("facenet_pytorch")
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        folder = facenet_pytorch_weights_dir()
+    except WeightsError:
         return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
     return folder if all((folder / f"{net}.pt").is_file() for net in NETS) else None
 
 
@@ -124,6 +127,16 @@ def test_matches_facenet_pytorch_on_lfw_sample(lfw_sample: tuple) -> None:
 def test_matches_facenet_pytorch_on_all_reference_images(detector: MTCNN) -> None:
     items = _reference_lfw()
     _check_agreement(items, _detect_reference(detector, items)[1])
+
+
+@needs_weights
+@needs_reference
+def test_matches_facenet_pytorch_on_astronaut(detector: MTCNN) -> None:
+    """A 512x512 image outside LFW: another pyramid, faces nearer the border."""
+    skimage_data = pytest.importorskip("skimage.data", reason="needs scikit-image's astronaut")
+    items = json.loads(REFERENCE.read_text())["items"]
+    item = next(it for it in items if it["image"] == "skimage.data.astronaut()")
+    _check_agreement([item], detector.detect([skimage_data.astronaut()]))
 
 
 @needs_weights

@@ -54,7 +54,9 @@ def load_mtcnn_state_dicts(folder: str | os.PathLike) -> dict[str, dict[str, tor
             pickle.UnpicklingError,
             zipfile.BadZipFile,
         ) as exc:
-            raise WeightsError(f"{path}: not a readable PyTorch state dict ({exc})") from exc
+            raise WeightsError(
+                f"{path}: not a readable PyTorch state dict ({type(exc).__name__}: {exc})"
+            ) from exc
         if not isinstance(state, dict) or not all(
             isinstance(v, torch.Tensor) for v in state.values()
         ):
