@@ -2,6 +2,7 @@
 
 from facelab.models.backbones import (  # noqa: F401
     dlib_resnet,
+    inception,
     iresnet,
     mobilefacenet,
     mobilenetv2,
