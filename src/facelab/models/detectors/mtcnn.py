@@ -39,7 +39,7 @@ MAX_BATCH_PIXELS = 1_000_000
 NMS_CHUNK_PAIRS = 1 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays have no single truth value: compare fields instead
 class Detections:
     """Faces found in one image, most confident first.
 
