@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +51,15 @@ def write_synthetic_folder(
             img = np.clip(base + noise, 0, 255).astype(np.uint8)
             Image.fromarray(img).save(root / f"person_{p}" / f"person_{p}_{i:04d}.jpg")
     return root
+
+
+@pytest.fixture()
+def single_torch_thread() -> Iterator[None]:
+    """One intra-op thread for the test: tiny models gain nothing from two, and on a shared
+    2-core machine OpenMP threads waiting for each other make them many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,10 +28,28 @@ from facelab.train.loop import topk_accuracy
 log = logging.getLogger(__name__)
 
 
-def load_model(spec: str | Path, device: str | None = None) -> FaceModel:
-    """A facelab checkpoint file, or the name of a registered backbone that ships pretrained
-    weights (e.g. "dlib_resnet"), loaded offline."""
+RUNTIMES = ("torch", "onnx")
+
+
+def load_model(
+    spec: str | Path, device: str | None = None, runtime: str | None = None
+) -> FaceModel:
+    """A facelab checkpoint file, the name of a registered backbone that ships pretrained
+    weights (e.g. "dlib_resnet"), or an ONNX file made by `facelab export`, loaded offline.
+
+    runtime: "torch", or "onnx" to embed with onnxruntime (a PyTorch model is exported in
+    memory first); default: "onnx" for .onnx files, else "torch"."""
     path = Path(spec)
+    if runtime not in (None, *RUNTIMES):
+        raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")
+    if path.suffix == ".onnx" or runtime == "onnx":
+        from facelab.models.export import load_onnx, onnx_bytes
+
+        if runtime == "torch":
+            raise ValueError(f"{spec}: an ONNX file runs with runtime 'onnx', not 'torch'")
+        if device not in (None, "cpu"):
+            raise ValueError(f"runtime 'onnx' runs on the CPU, not {device!r}")
+        return load_onnx(path if path.suffix == ".onnx" else onnx_bytes(load_model(spec)))
     if path.suffix in (".pt", ".pth") or path.is_file():
         model = model_from_checkpoint(load_checkpoint(path))
     elif str(spec) in BACKBONES.names():

@@ -92,7 +92,7 @@ def _classify(args: argparse.Namespace) -> None:
 
 @command("embed")
 def _embed(args: argparse.Namespace) -> None:
-    model = api.load_model(args.model)
+    model = api.load_model(args.model, runtime=args.runtime)
     result = api.embed_directory(
         model, args.folder, batch_size=args.batch_size, flip=args.flip, fast=not args.eager
     )
@@ -385,6 +385,76 @@ def _add_submission_commands(sub: Any) -> None:
     q.add_argument("--labels", required=True, help="image,identity CSV (image relative to SRC)")
 
 
+@command("serve")
+def _serve(args: argparse.Namespace) -> None:
+    from facelab.serve.app import ServeConfig, run
+    from facelab.serve.security import ApiKeys
+
+    source = _model_source(args)
+    config = ServeConfig(
+        gallery=Path(args.gallery),
+        keys=ApiKeys() if args.insecure_local else ApiKeys.load(args.keys_file),
+        insecure_local=args.insecure_local,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        keep_dir=Path(args.keep_dir) if args.keep_dir else None,
+        model_source=source,
+    )
+    run(api.load_model(source, runtime=args.runtime), config, host=args.host, port=args.port)
+
+
+@command("export")
+def _export(args: argparse.Namespace) -> None:
+    from facelab.models.export import export_onnx
+
+    report = export_onnx(
+        api.load_model(args.model), args.out, opset=args.opset, quantization=args.quantize
+    )
+    print(json.dumps(asdict(report)))
+
+
+def _runtime_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runtime",
+        choices=("torch", "onnx"),
+        help="embed with PyTorch or onnxruntime (default: onnx for .onnx models, else torch)",
+    )
+
+
+def _add_deployment_commands(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="HTTP API and browser page over a gallery (keys: FACELAB_API_KEYS or --keys-file)",
+        parents=[_model_option()],
+    )
+    p.add_argument("--gallery", default="gallery.db", help="gallery file (default gallery.db)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--keys-file", help="file of ROLE:KEY lines (ro or rw), instead of the env var")
+    p.add_argument(
+        "--insecure-local",
+        action="store_true",
+        help="no API key at all, serving on 127.0.0.1 only (a local trial)",
+    )
+    _runtime_option(p)
+    p.add_argument("--max-batch", type=int, default=8, help="dynamic batch size (1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="wait to fill a batch")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit")
+    p.add_argument("--max-pixels", type=int, default=24_000_000, help="per image, from its header")
+    p.add_argument("--keep-dir", help="where enrollments with keep_images write them")
+
+    p = sub.add_parser("export", help="export a model to ONNX (preprocessing in its metadata)")
+    p.add_argument("model", help="checkpoint file or pretrained model name (e.g. dlib_resnet)")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument(
+        "--quantize", choices=("none", "int8"), default="none", help="dynamic int8 weights"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facelab", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -420,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--flip", action="store_true", help="add the mirrored face's embedding")
     p.add_argument("--eager", action="store_true", help="skip the traced, frozen fast path")
+    _runtime_option(p)
 
     p = sub.add_parser("classify", help="top-1/top-5 accuracy on a run's held-out images")
     p.add_argument("checkpoint")
@@ -518,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also lay out the LFW mapping task there (symlinks) for `facelab map`",
     )
     _add_submission_commands(sub)
+    _add_deployment_commands(sub)
     return parser
 
 

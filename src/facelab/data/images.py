@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 # Decompression bombs: refuse images with more pixels than this before decoding them.
 MAX_PIXELS = 64_000_000
@@ -16,18 +17,38 @@ class ImageError(ValueError):
     """An image could not be read; the message names the file and the reason."""
 
 
-def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+class ImageTooLarge(ImageError):
+    """An image has more pixels than allowed (refused from its header, before decoding)."""
+
+
+# Malformed input: what Pillow itself takes as "not this format" when opening (SyntaxError,
+# IndexError, TypeError, struct.error), and what its decoders raise on mutated images
+# (OSError, ValueError, NotImplementedError: seen fuzzing tests/test_fuzz.py's seeds).
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    NotImplementedError,
+    IndexError,
+    TypeError,
+    struct.error,
+)
+
+
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode encoded image bytes into an RGB uint8 array of shape (H, W, 3)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(
-                    f"{name}: {img.width}x{img.height} exceeds the {MAX_PIXELS} pixel limit"
+            if img.width * img.height > max_pixels:
+                raise ImageTooLarge(
+                    f"{name}: {img.width}x{img.height} exceeds the {max_pixels} pixel limit"
                 )
             return np.asarray(img.convert("RGB"))
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked on open
+        raise ImageTooLarge(f"{name}: {exc}") from exc
+    except _DECODE_ERRORS as exc:
         raise ImageError(f"{name}: not a readable image ({exc})") from exc
 
 
