@@ -18,8 +18,15 @@ class TrainConfig:
     out: str = "runs/train"  # checkpoints, metrics.jsonl/csv, plots
     backbone: str = "mobilefacenet"
     backbone_options: dict[str, Any] = field(default_factory=dict)
-    loss: str = "softmax"  # a registered head: softmax, arcface, cosface
-    head_options: dict[str, Any] = field(default_factory=dict)
+    # softmax, arcface, cosface (a registered head + cross-entropy) or triplet-batch-all,
+    # triplet-batch-hard, triplet-semi-hard (FaceNet triplet loss with online mining)
+    loss: str = "softmax"
+    head_options: dict[str, Any] = field(default_factory=dict)  # e.g. {margin: 0.3}
+    center_loss: float = 0.0  # weight of the auxiliary center loss (0: off)
+    images_per_identity: int = 0  # K of P x K batches (P = batch_size / K); 0: shuffled batches
+    collapse_steps: int = 50  # stop when embeddings stay collapsed this many steps (0: never)
+    init_from: str | None = None  # pretrained backbone name (dlib_resnet) or checkpoint path
+    trainable_blocks: int | None = None  # freeze all but the backbone's last N blocks
     embedding_dim: int = 512
     image_size: int = 112
     crop: float = 0.6  # centre-crop fraction before resizing (0.6: LFW deep-funneled)
@@ -44,7 +51,8 @@ class TrainConfig:
     cutmix_alpha: float = 1.0
     amp: bool = True  # bfloat16/float16 autocast, used only on CUDA
     seed: int = 0
-    workers: int = 2
+    workers: int = 2  # threads decoding faces into the cache
+    loader_workers: int = 0  # processes preparing (augmenting) batches; 0: the training process
     cache_dir: str | None = None  # memory-mapped decoded-face cache
     max_minutes: float | None = None  # stop after the epoch that crosses this wall-clock budget
     log_every: int = 20
@@ -57,6 +65,21 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "image_size", "embedding_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.images_per_identity and self.batch_size % self.images_per_identity:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of images_per_identity "
+                f"{self.images_per_identity}"
+            )
+        if self.loss.startswith("triplet"):
+            if self.images_per_identity < 2:
+                raise ValueError(
+                    "triplet losses mine positives within the batch: set images_per_identity "
+                    "(K of P x K batches) to 2 or more"
+                )
+            if self.cutmix > 0:
+                raise ValueError("cutmix mixes identities, which triplet losses cannot use")
+        if self.trainable_blocks is not None and self.trainable_blocks < 0:
+            raise ValueError(f"trainable_blocks must be >= 0, not {self.trainable_blocks}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:

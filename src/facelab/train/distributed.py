@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,20 @@ def gather_objects(value: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def in_turn(fn: Callable[[], T], info: Distributed) -> T:
+    """`fn()` on every rank: global rank 0 first, then the first rank of every other node, then
+    the rest, so a cache file the first call writes is reused by the others, never written by
+    several at once (node-local or shared cache directories alike)."""
+    if not info.enabled:
+        return fn()
+    turns = (info.rank == 0, info.rank != 0 and info.local_rank == 0, info.local_rank != 0)
+    for mine in turns:
+        if mine:
+            result = fn()
+        dist.barrier()
+    return result
 
 
 class _ScaleGrad(torch.autograd.Function):

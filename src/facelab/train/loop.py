@@ -1,4 +1,5 @@
-"""The training loop: classification heads on an identity folder, with exact resume."""
+"""The training loop: any criterion (classification head or triplet loss) on an identity folder,
+single-process or DDP under torchrun, with exact resume."""
 
 from __future__ import annotations
 
@@ -7,26 +8,29 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from facelab.data.augment import Augment, cutmix
-from facelab.data.faces import load_faces
 from facelab.data.folders import IdentityFolder, Sample, split_images
 from facelab.data.trials import read_people, read_trials, trial_people
-from facelab.eval.metrics import roc_auc
+from facelab.eval.metrics import equal_error_rate, roc_auc, tpr_at_fpr
 from facelab.fileio import atomic_write_text
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from facelab.models.face_model import FaceModel
-from facelab.models.preprocess import Preprocess
-from facelab.models.registry import HEADS
+from facelab.train import distributed
+from facelab.train.batches import Batch, FaceBatches, batch_loader, decode_faces
 from facelab.train.config import TrainConfig
+from facelab.train.losses import Criterion, FailureGuard, build_criterion, embedding_spread
+from facelab.train.sampler import IdentityBatches, ShuffledBatches
+from facelab.train.transfer import freeze_all_but_last, initial_model
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 class TrainResult:
     checkpoint: Path
     history: list[dict[str, Any]] = field(default_factory=list)
+    main_process: bool = True  # False on DDP ranks other than 0 (which log and save nothing)
 
 
 def people_in(path: str | Path) -> set[str]:
@@ -92,6 +97,29 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     return {f"top{k}": float(hits[:, :k].any(1).float().mean()) for k in ks}
 
 
+class LossNet(nn.Module):
+    """Backbone and criterion as one module, so DDP synchronises the gradients of both."""
+
+    def __init__(self, backbone: nn.Module, criterion: Criterion) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.criterion = criterion
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        partner: torch.Tensor | None = None,
+        lam: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, raw embeddings); with CutMix partner labels, the area-weighted loss."""
+        features = self.backbone(x)
+        loss = self.criterion(features, labels)
+        if partner is not None:
+            loss = lam * loss + (1 - lam) * self.criterion(features, partner)
+        return loss, features
+
+
 class Trainer:
     """Holds one run's state; `fit` runs the remaining epochs and checkpoints after each."""
 
@@ -103,8 +131,13 @@ class Trainer:
             cfg = saved
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        seed_everything(cfg.seed)
+        self.dist, self.device = distributed.setup()
+        if cfg.batch_size % self.dist.world_size:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} (the global batch) is not divisible by the "
+                f"{self.dist.world_size} processes"
+            )
+        seed_everything(cfg.seed)  # the same initial weights on every rank
 
         excluded = set().union(*(people_in(p) for p in cfg.exclude_people))
         folder = IdentityFolder.scan(cfg.data, cfg.min_images, exclude=excluded or None)
@@ -120,108 +153,165 @@ class Trainer:
             len(excluded),
         )
 
-        if payload is not None:
-            self.model = model_from_checkpoint(payload)
-        else:
-            self.model = FaceModel.create(
-                cfg.backbone,
-                preprocess=Preprocess(size=cfg.image_size, crop=cfg.crop),
-                embedding_dim=cfg.embedding_dim,
-                input_size=cfg.image_size,
-                **cfg.backbone_options,
-            )
-        self.head = HEADS.create(
+        self.model = model_from_checkpoint(payload) if payload else initial_model(cfg)
+        self.frozen: list[nn.Module] = []
+        if cfg.trainable_blocks is not None:
+            self.frozen = freeze_all_but_last(self.model.backbone, cfg.trainable_blocks)
+        self.embedding_dim = self.model.embedding_dim
+        self.criterion = build_criterion(
             cfg.loss,
-            embedding_dim=cfg.embedding_dim,
-            num_classes=len(self.classes),
-            **cfg.head_options,
+            self.embedding_dim,
+            len(self.classes),
+            cfg.head_options,
+            cfg.center_loss,
         )
+        if self.dist.enabled:
+            distributed.sync_batchnorm(self.model.backbone, self.device)
         self.model.to(self.device)
-        self.head.to(self.device)
+        self.criterion.to(self.device)
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
 
-        self.train_faces = self._faces(self.train_samples)
-        self.train_labels = torch.tensor([s.label for s in self.train_samples])
-        self.val_faces = self._faces(self.val_samples) if self.val_samples else None
+        spec = self.model.preprocess
+        train_faces = self._faces(self.train_samples)
+        train_labels = torch.tensor([s.label for s in self.train_samples])
+        # YAML gives lists where Augment compares tuples
+        augment = Augment(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.augment.items()}
+        )
+        self.train_batches = FaceBatches(train_faces, train_labels, spec, augment)
+        self.val_faces = None  # held-out images of the training identities, for top-k accuracy
+        if self.val_samples and self.criterion.head is not None:
+            self.val_faces = self._faces(self.val_samples)
         self.trials = read_trials(cfg.val_trials) if cfg.val_trials else None
         if self.trials:
             unique = sorted({p for t in self.trials for p in (t.a, t.b)})
             self.trial_index = {p: i for i, p in enumerate(unique)}
             self.trial_faces = self._faces([Sample(p, -1) for p in unique])
 
-        params = list(self.model.parameters()) + list(self.head.parameters())
+        if cfg.images_per_identity:
+            self.plan: IdentityBatches | ShuffledBatches = IdentityBatches(
+                train_labels.tolist(),
+                cfg.batch_size // cfg.images_per_identity,
+                cfg.images_per_identity,
+                cfg.seed,
+            )
+        else:
+            self.plan = ShuffledBatches(len(self.train_samples), cfg.batch_size, cfg.seed)
+        self.iters_per_epoch = len(self.plan)
+
+        params = [
+            p for p in [*self.model.parameters(), *self.criterion.parameters()] if p.requires_grad
+        ]
         self.optimizer = torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        self.iters_per_epoch = max(1, len(self.train_samples) // cfg.batch_size)
         self.scheduler = make_scheduler(cfg, self.optimizer, self.iters_per_epoch)
         self.use_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.augment = Augment(**cfg.augment)
+        self.guard = FailureGuard(cfg.collapse_steps, self.criterion.margin, self.use_amp, cfg.lr)
+        self.net: nn.Module = LossNet(self.model.backbone, self.criterion)
+        if self.dist.enabled:
+            self.net = DistributedDataParallel(
+                self.net,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,  # batch-norm statistics are synchronised instead
+            )
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        self.step_count = 0
+        # augmentation, dropout and CutMix differ between ranks, like their data
+        seed_everything(cfg.seed + self.dist.rank)
         if payload is not None:
-            self.head.load_state_dict(payload["head_state"])
-            self.optimizer.load_state_dict(payload["optimizer"])
-            self.scheduler.load_state_dict(payload["scheduler"])
-            self.scaler.load_state_dict(payload["scaler"])
-            self.history = payload["history"]
-            self.start_epoch = payload["epoch"] + 1
-            set_rng_state(payload["rng"])
+            self._restore(payload)
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        if "criterion_state" in payload:
+            self.criterion.load_state_dict(payload["criterion_state"])
+        else:  # checkpoints written before criteria existed hold the head alone
+            self.criterion.head.load_state_dict(payload["head_state"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.history = payload["history"]
+        self.start_epoch = payload["epoch"] + 1
+        self.step_count = self.start_epoch * self.iters_per_epoch
+        states = payload.get("rng_ranks") or [payload["rng"]]
+        if len(states) == self.dist.world_size:
+            set_rng_state(states[self.dist.rank])
+        else:
+            log.warning(
+                "checkpoint from %d process(es), resuming on %d: augmentation RNG reseeded",
+                len(states),
+                self.dist.world_size,
+            )
+            seed_everything(self.cfg.seed + self.dist.rank + 1000 * self.start_epoch)
 
     def _faces(self, samples: list[Sample]) -> np.ndarray:
-        spec = self.model.preprocess
-        return load_faces(
-            [s.path for s in samples],
-            spec.crop_face,
-            spec.size,
-            spec.fingerprint(),
-            cache_dir=self.cfg.cache_dir,
-            workers=self.cfg.workers,
-        )
+        def decode() -> np.ndarray:
+            return decode_faces(
+                [s.path for s in samples],
+                self.model.preprocess,
+                cache_dir=self.cfg.cache_dir,
+                workers=self.cfg.workers,
+            )
 
-    def _inputs(self, faces: np.ndarray, augment: bool) -> torch.Tensor:
-        batch = torch.from_numpy(np.ascontiguousarray(faces))
-        if augment:
-            batch = self.augment(batch)
-        x = self.model.preprocess.normalise(batch).to(self.device)
+        return distributed.in_turn(decode, self.dist)
+
+    def _inputs(self, faces: np.ndarray) -> torch.Tensor:
+        x = self.model.preprocess.normalise(torch.from_numpy(np.ascontiguousarray(faces)))
+        x = x.to(self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
-    def _step(self, idx: torch.Tensor) -> float:
-        x = self._inputs(self.train_faces[idx.numpy()], augment=True)
-        y = self.train_labels[idx].to(self.device)
-        mixed = self.cfg.cutmix > 0 and random.random() < self.cfg.cutmix
-        if mixed:
-            x, y, y2, lam = cutmix(x, y, self.cfg.cutmix_alpha)
+    def batches(self, epoch: int) -> Iterable[Batch]:
+        """This rank's shard of each global batch of the epoch, augmented and normalised."""
+        plan = [distributed.shard(b, self.dist) for b in self.plan.epoch(epoch)]
+        return batch_loader(
+            self.train_batches, plan, self.cfg.loader_workers, self.device.type == "cuda"
+        )
+
+    def train_mode(self) -> None:
+        """Training mode, except frozen blocks: their batch-norm statistics stay as learnt."""
+        self.net.train()
+        for block in self.frozen:
+            block.eval()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimisation step on a batch; returns its loss (averaged over ranks)."""
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        partner, lam = None, 1.0
+        if self.cfg.cutmix > 0 and random.random() < self.cfg.cutmix:
+            x, y, partner, lam = cutmix(x, y, self.cfg.cutmix_alpha)
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            feats = self.model.backbone(x)
-            loss = F.cross_entropy(self.head(feats.float(), y), y)
-            if mixed:
-                loss = lam * loss + (1 - lam) * F.cross_entropy(self.head(feats.float(), y2), y2)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss became {loss.item()} (learning rate {self.cfg.lr} too high, "
-                "or fp16 overflow): lower lr or disable amp"
-            )
+            loss, features = self.net(x, y, partner, lam)
+        with torch.no_grad():
+            stats = torch.stack([loss.detach().float(), embedding_spread(features.detach())])
+        loss_value, spread = distributed.mean_over_ranks(stats).tolist()
+        self.step_count += 1
+        self.guard.check(self.step_count, loss_value, spread)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return float(loss.detach())
+        return loss_value
 
     @torch.inference_mode()
     def evaluate(self) -> dict[str, float]:
-        """Val top-1/top-5 (heads without margin) and trial-list AUC by cosine similarity."""
+        """Val top-1/top-5 (classification heads, without margin) and, on the trial list,
+        verification AUC, EER and TPR at FPR 1e-2 by cosine similarity."""
         self.model.eval()
-        self.head.eval()
+        self.criterion.eval()
         metrics: dict[str, float] = {}
-        if self.val_faces is not None:
+        head = self.criterion.head
+        if self.val_faces is not None and head is not None:
             logits, labels = [], []
             for start in range(0, len(self.val_faces), 256):
-                x = self._inputs(self.val_faces[start : start + 256], augment=False)
-                logits.append(self.head(self.model.backbone(x).float()).cpu())
+                x = self._inputs(self.val_faces[start : start + 256])
+                logits.append(head(self.model.backbone(x).float()).cpu())
                 labels.append(
                     torch.tensor([s.label for s in self.val_samples[start : start + 256]])
                 )
@@ -232,70 +322,94 @@ class Trainer:
                 }
             )
         if self.trials:
-            inputs = self._inputs(self.trial_faces, augment=False)
-            emb = self.model.embed_tensors(inputs, batch_size=256)
+            emb = self.model.embed_tensors(self._inputs(self.trial_faces), batch_size=256)
             a = np.array([self.trial_index[t.a] for t in self.trials])
             b = np.array([self.trial_index[t.b] for t in self.trials])
             scores = (emb[a] * emb[b]).sum(1)
-            metrics["val_auc"] = roc_auc(scores, np.array([t.label for t in self.trials]))
+            same = np.array([t.label for t in self.trials])
+            metrics["val_auc"] = roc_auc(scores, same)
+            metrics["val_eer"] = equal_error_rate(scores, same)[0]
+            metrics["val_tpr_at_fpr_0.01"] = tpr_at_fpr(scores, same, 1e-2)[0]
         return metrics
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        main = self.dist.main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         began = time.monotonic()
         last = self.out / "last.pt"
+        if main and cfg.init_from and not self.history:
+            self._record({"epoch": 0, **self.evaluate()})  # the starting point, for comparison
         for epoch in range(self.start_epoch, cfg.epochs):
-            self.model.train()
-            self.head.train()
-            order = torch.randperm(len(self.train_samples))
+            self.train_mode()
             losses = []
             tick = time.monotonic()
             bar = tqdm(
-                range(self.iters_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="it"
+                self.batches(epoch),
+                total=self.iters_per_epoch,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                unit="it",
+                disable=not main,
             )
-            for it in bar:
-                idx = order[it * cfg.batch_size : (it + 1) * cfg.batch_size]
-                losses.append(self._step(idx))
+            for it, (x, y) in enumerate(bar):
+                losses.append(self.step(x, y))
                 if it % cfg.log_every == 0:
                     bar.set_postfix(loss=f"{np.mean(losses[-cfg.log_every :]):.3f}")
             seconds = time.monotonic() - tick
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": float(np.mean(losses)),
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "seconds": round(seconds, 2),
-                "images_per_s": round(self.iters_per_epoch * cfg.batch_size / seconds, 1),
-                **self.evaluate(),
-            }
-            self.history.append(record)
-            log.info("epoch %d: %s", epoch + 1, json.dumps(record))
-            self._write_logs()
-            save_checkpoint(
-                last,
-                self.model,
-                head={
-                    "name": cfg.loss,
-                    "embedding_dim": cfg.embedding_dim,
-                    "classes": self.classes,
-                },
-                head_state=self.head.state_dict(),
-                optimizer=self.optimizer.state_dict(),
-                scheduler=self.scheduler.state_dict(),
-                scaler=self.scaler.state_dict(),
-                epoch=epoch,
-                rng=rng_state(),
-                history=self.history,
-                config=cfg.to_dict(),
+            rng_ranks = distributed.gather_objects(rng_state())
+            if main:
+                self._record(
+                    {
+                        "epoch": epoch + 1,
+                        "train_loss": float(np.mean(losses)),
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "seconds": round(seconds, 2),
+                        "images_per_s": round(self.iters_per_epoch * cfg.batch_size / seconds, 1),
+                        **self.evaluate(),
+                    }
+                )
+                self._save(last, epoch, rng_ranks)
+            out_of_time = cfg.max_minutes is not None and (
+                time.monotonic() - began > 60 * cfg.max_minutes
             )
-            if cfg.max_minutes is not None and time.monotonic() - began > 60 * cfg.max_minutes:
+            if distributed.broadcast_object(out_of_time):
                 log.info(
                     "stopping after epoch %d: %.1f-minute budget reached",
                     epoch + 1,
                     cfg.max_minutes,
                 )
                 break
-        return TrainResult(last, self.history)
+        return TrainResult(last, self.history, main)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        log.info("epoch %d: %s", record["epoch"], json.dumps(record))
+        self._write_logs()
+
+    def _save(self, path: Path, epoch: int, rng_ranks: list[dict[str, Any]]) -> None:
+        head = self.criterion.head
+        save_checkpoint(
+            path,
+            self.model,
+            head=None
+            if head is None
+            else {
+                "name": self.cfg.loss,
+                "embedding_dim": self.embedding_dim,
+                "classes": self.classes,
+            },
+            head_state=None if head is None else head.state_dict(),
+            criterion_state=self.criterion.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            epoch=epoch,
+            rng=rng_ranks[0],
+            rng_ranks=rng_ranks,
+            history=self.history,
+            config=self.cfg.to_dict(),
+        )
 
     def _write_logs(self) -> None:
         atomic_write_text(
@@ -315,5 +429,8 @@ def _fmt(value: Any) -> str:
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
-    """Train (or resume) a run; returns the last checkpoint's path and the per-epoch history."""
+    """Train (or resume) a run; returns the last checkpoint's path and the per-epoch history.
+
+    Under torchrun every process calls this; rank 0 logs, evaluates and writes checkpoints.
+    """
     return Trainer(cfg, resume).fit()
