@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from facelab.models.converters.dlib_serialize import DlibStream
+
 # Residual blocks of dlib's `anet_type`, input to output: (output channels, downsamples).
 DLIB_RESNET_BLOCKS: tuple[tuple[int, bool], ...] = (
     (32, False), (32, False), (32, False),
@@ -38,9 +40,6 @@ _AFFINE_VERSIONS = ("affine_", "affine_2")
 _RELU_VERSIONS = ("relu_", "relu_2")
 _FC_VERSIONS = ("fc_2", "fc_3")
 _LOSS_VERSIONS = ("loss_metric_", "loss_metric_2")
-
-# Float exponents dlib uses for non-finite values.
-_SPECIAL_EXPONENTS = {32000: math.inf, 32001: -math.inf, 32002: math.nan}
 
 
 @dataclass(frozen=True)
@@ -99,83 +98,8 @@ def _plan() -> list[_Layer]:
     return layers
 
 
-class _Stream:
-    """Cursor over the file's bytes; every failure names the file and the byte offset."""
-
-    def __init__(self, data: bytes, name: str) -> None:
-        self.data = memoryview(data)
-        self.name = name
-        self.pos = 0
-
-    def error(self, message: str, offset: int | None = None) -> ValueError:
-        at = self.pos if offset is None else offset
-        return ValueError(f"{self.name}: {message} at byte offset {at}")
-
-    def take(self, count: int, what: str) -> memoryview:
-        if count > len(self.data) - self.pos:
-            raise self.error(
-                f"file ends inside {what} (needs {count} bytes, "
-                f"{len(self.data) - self.pos} left; truncated?)"
-            )
-        chunk = self.data[self.pos : self.pos + count]
-        self.pos += count
-        return chunk
-
-    def integer(self, what: str) -> int:
-        start = self.pos
-        control = self.take(1, what)[0]
-        size = control & 0x0F
-        if control & 0x70 or not 1 <= size <= 8:
-            raise self.error(f"bad integer control byte 0x{control:02x} for {what}", start)
-        value = int.from_bytes(self.take(size, what), "little")
-        return -value if control & 0x80 else value
-
-    def unsigned(self, what: str) -> int:
-        start = self.pos
-        value = self.integer(what)
-        if value < 0:
-            raise self.error(f"negative value {value} for unsigned {what}", start)
-        return value
-
-    def boolean(self, what: str) -> bool:
-        start = self.pos
-        byte = self.take(1, what)[0]
-        if byte not in (0x30, 0x31):
-            raise self.error(f"bad bool byte 0x{byte:02x} for {what}", start)
-        return byte == 0x31
-
-    def real(self, what: str) -> float:
-        start = self.pos
-        if self.pos < len(self.data) and self.data[self.pos] & 0x70:
-            raise self.error(f"{what} uses dlib's legacy text float format (unsupported)")
-        mantissa = self.integer(what)
-        exponent = self.integer(what)
-        if exponent in _SPECIAL_EXPONENTS:
-            return _SPECIAL_EXPONENTS[exponent]
-        try:
-            return math.ldexp(mantissa, exponent)
-        except OverflowError:
-            raise self.error(f"{what} overflows ({mantissa} * 2^{exponent})", start) from None
-
-    def string(self, what: str) -> str:
-        start = self.pos
-        length = self.unsigned(f"length of {what}")
-        raw = bytes(self.take(length, what))
-        try:
-            return raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise self.error(f"{what} is not an ASCII string", start) from None
-
-    def version(self, accepted: tuple[str, ...], what: str) -> str:
-        start = self.pos
-        found = self.string(f"version string of {what}")
-        if found not in accepted:
-            raise self.error(
-                f"expected {what} version string {' or '.join(map(repr, accepted))}, "
-                f"found {found[:40]!r}",
-                start,
-            )
-        return found
+class _Stream(DlibStream):
+    """dlib's primitives plus the DNN tensor records."""
 
     def tensor(self, what: str) -> np.ndarray:
         start = self.pos
@@ -195,10 +119,6 @@ class _Stream:
         if version != 1:
             raise self.error(f"alias_tensor version {version} for {what}, expected 1", start)
         return tuple(self.integer(f"alias_tensor shape of {what}") for _ in range(4))
-
-    def doubles(self, count: int, what: str) -> None:
-        for _ in range(count):
-            self.real(what)
 
 
 class _Parser:
