@@ -10,7 +10,17 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Verification", "classify", "embed", "evaluate", "load_model", "score_trials", "verify"]
+__all__ = [
+    "Verification",
+    "classify",
+    "embed",
+    "evaluate",
+    "load_model",
+    "predict_folder",
+    "score_trial_file",
+    "score_trials",
+    "verify",
+]
 
 
 def __getattr__(name: str) -> Any:

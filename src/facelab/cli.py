@@ -59,6 +59,13 @@ def _train(args: argparse.Namespace) -> None:
         overrides["out"] = args.out
     if args.epochs:
         overrides["epochs"] = args.epochs
+    if args.smoke:
+        if not args.config:
+            raise SystemExit("facelab train --smoke: give --config configs/RECIPE.yaml")
+        from facelab.recipes import run_smoke
+
+        print(json.dumps(run_smoke(args.config, **overrides), indent=2))
+        return
     if args.config:
         cfg = TrainConfig.from_yaml(args.config, **overrides)
     else:
@@ -474,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override any TrainConfig field, e.g. --set lr=0.05 loss=arcface",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the recipe's few-minute CPU run on LFW (configs/smoke/NAME.yaml over --config), "
+        "then its submission files and checks (smoke.json)",
     )
 
     p = sub.add_parser("eval", help="verification metrics of a model on a labelled trial list")

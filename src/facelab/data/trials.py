@@ -73,9 +73,12 @@ def iter_trial_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
     with path.open(newline="") as fh:
         first = fh.readline()
         fh.seek(0)
-        rows: Iterable[list[str]] = csv.reader(fh) if "," in first else (ln.split() for ln in fh)
+        rows: Iterable[list[str]] = (
+            ([c.strip() for c in r if c.strip()] for r in csv.reader(fh))
+            if "," in first
+            else (ln.split() for ln in fh)  # split() drops the blanks itself
+        )
         for i, row in enumerate(rows, start=1):
-            row = [c.strip() for c in row if c.strip()]
             if not row:
                 continue
             if len(row) not in (2, 3):
