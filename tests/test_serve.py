@@ -17,7 +17,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from serving import KEYS, READ, RO, RW, WRITE, png, png_header, tiny_model, upload
 
+from facelab.cli import main
 from facelab.gallery import GalleryStore, find_faces, identify
+from facelab.models.checkpoint import save_checkpoint
 from facelab.models.face_model import FaceModel
 from facelab.serve import ApiKeys, KeyConfigError, ServeConfig, create_app
 from facelab.serve.app import run
@@ -54,6 +56,21 @@ def test_refuses_to_start_without_a_key(model: FaceModel, tmp_path: Path) -> Non
     local = ServeConfig(gallery=tmp_path / "g.db", insecure_local=True)
     with pytest.raises(KeyConfigError, match="127.0.0.1 only"):
         run(model, local, host="0.0.0.0")
+
+
+def test_cli_refuses_to_serve_without_a_key(
+    model: FaceModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.delenv("FACELAB_API_KEYS", raising=False)
+    checkpoint = save_checkpoint(tmp_path / "tiny.pt", model)
+    assert main(["serve", "--model", str(checkpoint), "--gallery", str(tmp_path / "g.db")]) == 2
+    assert "no API key configured" in caplog.text
+    local = ["serve", "--model", str(checkpoint), "--insecure-local", "--host", "0.0.0.0"]
+    assert main(local) == 2
+    assert "127.0.0.1 only" in caplog.text
 
 
 def test_keys_from_env_and_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -220,6 +237,11 @@ def test_limits_and_content(model: FaceModel, tmp_path: Path) -> None:
         assert embed(json={"image": "***"}) == (422, "invalid_base64")
         assert embed(json={"image": 5}) == (422, "invalid_request")
         assert embed(json=["image"]) == (422, "invalid_json")
+        deep = b"[" * 20_000 + b"]" * 20_000  # nesting too deep for the JSON parser
+        assert embed(content=deep, headers=READ | {"content-type": "application/json"}) == (
+            422,
+            "invalid_json",
+        )
         assert embed(json={"image": base64.b64encode(png(0)).decode(), "k": 5}) == (
             422,
             "invalid_request",

@@ -86,10 +86,16 @@ def _quantize_int8(data: bytes) -> bytes:
     """Dynamic int8 quantisation of weights (activations quantised on the fly at run time)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    root = logging.getLogger()
+    level = root.level
     with tempfile.TemporaryDirectory(prefix="facelab-quant-") as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(data)
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        root.setLevel(logging.ERROR)  # the quantizer logs a line per tensor on the root logger
+        try:
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
         return dst.read_bytes()
 
 

@@ -163,7 +163,7 @@ class BodySpec:
     def _parse_json(self, body: bytes) -> tuple[dict[str, Any], list[Upload]]:
         try:
             data = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
             raise ApiError(422, "invalid_json", f"body is not JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ApiError(422, "invalid_json", "body must be a JSON object")
