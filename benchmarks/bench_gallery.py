@@ -6,10 +6,10 @@ default 0.8, to its mate: roughly a genuine face pair), so "the right answer" ex
 for real probes. Uniformly random vectors have no cluster structure, so this is a hard case for
 the approximate indexes: recall on real, clustered face embeddings is usually higher.
 
-For every (size, dim, method): build time, memory added by the index (resident set growth
-while building from a private copy of the vectors), query latency p50/p99 for batches of 1
-and 64 queries (per batch), and recall@1 against exact search. FAISS and torch use `--threads`
-threads (default 1: the machine is shared).
+For every (size, dim, method): build time, memory held by the index (the vectors for exact
+search, FAISS's serialised index: vectors plus graph or lists), query latency p50/p99 for
+batches of 1 and 64 queries (per batch), and recall@1 against exact search. FAISS and BLAS use
+`--threads` threads (default 1: the machine is shared).
 
     python benchmarks/bench_gallery.py                       # 10k, 100k, 1M x 128 and 512
     python benchmarks/bench_gallery.py --sizes 10000 --dims 128 --methods exact hnsw
@@ -21,21 +21,20 @@ it when size x dim exceeds a bound (default 100k x 512), so the full run takes m
 from __future__ import annotations
 
 import argparse
-import gc
-import os
 import resource
 import time
 
 import numpy as np
 
-from facelab.gallery.search import build_index
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from facelab.gallery.search import ExactIndex, FaissIndex, build_index
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * PAGE
+def index_bytes(index: ExactIndex | FaissIndex) -> int:
+    if isinstance(index, ExactIndex):
+        return index.vectors.nbytes
+    import faiss
+
+    return faiss.serialize_index(index.index).nbytes
 
 
 def unit_vectors(n: int, dim: int, rng: np.random.Generator, chunk: int = 100_000) -> np.ndarray:
@@ -78,13 +77,10 @@ def bench(size: int, dim: int, methods: list[str], args: argparse.Namespace) -> 
         if method == "hnsw" and size * dim > args.hnsw_max:
             rows.append({"n": size, "dim": dim, "method": method, "skipped": True})
             continue
-        gc.collect()
-        before = rss_bytes()
         start = time.perf_counter()
-        index = build_index(vectors.copy(), method)
+        index = build_index(vectors, method)
         build = time.perf_counter() - start
-        gc.collect()
-        memory = rss_bytes() - before
+        memory = index_bytes(index)
         _, found = index.search(queries, 1)
         if truth is None and method == "exact":
             truth = found[:, 0]
