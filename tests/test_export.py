@@ -4,6 +4,7 @@ metadata, onnxruntime behind the FaceModel interface (API and CLI), int8 quantis
 from __future__ import annotations
 
 import inspect
+import io
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 from serving import tiny_model
 
 from facelab import load_model
@@ -92,8 +94,6 @@ def test_cli_export_and_embed_with_onnxruntime(
     checkpoint = save_checkpoint(tmp_path / "tiny.pt", model)
     images = tmp_path / "images"
     images.mkdir()
-    from PIL import Image
-
     for i in range(3):
         pixels = np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(images / f"{i}.png")
@@ -114,3 +114,19 @@ def test_cli_export_and_embed_with_onnxruntime(
             assert str(data["fingerprint"]) == model.fingerprint()
     np.testing.assert_allclose(embeddings["onnx_file"], embeddings["torch"], atol=1e-5)
     np.testing.assert_allclose(embeddings["onnx_runtime"], embeddings["torch"], atol=1e-5)
+
+
+def test_server_embeds_with_onnxruntime(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+    from serving import KEYS, READ, png, upload
+
+    from facelab.serve import ServeConfig, create_app
+
+    model = tiny_model()
+    export_onnx(model, tmp_path / "m.onnx")
+    app = create_app(load_model(tmp_path / "m.onnx"), ServeConfig(tmp_path / "g.db", KEYS))
+    with TestClient(app) as client:
+        assert client.get("/v1/info", headers=READ).json()["runtime"] == "onnx"
+        r = client.post("/v1/embed", files=[upload("image", png(0))], headers=READ).json()
+    expected = model.embed_faces([np.asarray(Image.open(io.BytesIO(png(0))).convert("RGB"))])
+    np.testing.assert_allclose(r["faces"][0]["embedding"], expected[0], atol=1e-5)
