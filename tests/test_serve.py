@@ -8,6 +8,7 @@ import base64
 import io
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def model() -> FaceModel:
 
 
 @pytest.fixture()
-def client(model: FaceModel, tmp_path: Path) -> TestClient:
+def client(model: FaceModel, tmp_path: Path) -> Iterator[TestClient]:
     app = create_app(model, ServeConfig(gallery=tmp_path / "gallery.db", keys=KEYS))
     with TestClient(app) as c:
         yield c

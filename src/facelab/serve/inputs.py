@@ -63,7 +63,6 @@ class Upload:
 
     field: str
     filename: str
-    content_type: str
     data: bytes
 
 
@@ -176,7 +175,7 @@ class BodySpec:
             for i, text in enumerate(values):
                 if not isinstance(text, str):
                     raise ApiError(422, "invalid_request", f"{f.name!r}: expected base64 text")
-                uploads.append(Upload(f.name, f"{f.name}[{i}]", "", _b64decode(f.name, text)))
+                uploads.append(Upload(f.name, f"{f.name}[{i}]", _b64decode(f.name, text)))
         return data, uploads
 
 
@@ -260,7 +259,7 @@ def _parse_multipart(
                 )
             filename = disposition.get(b"filename", b"").decode("utf-8", "replace") or name
             if part["data"]:
-                uploads.append(Upload(name, filename, content_type, bytes(part["data"])))
+                uploads.append(Upload(name, filename, bytes(part["data"])))
             continue
         try:
             text = bytes(part["data"]).decode("utf-8")
