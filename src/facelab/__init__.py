@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
+_API = [
     "Verification",
     "classify",
     "embed",
@@ -21,9 +21,21 @@ __all__ = [
     "score_trials",
     "verify",
 ]
+_GALLERY = [
+    "GalleryStore",
+    "calibrate",
+    "enroll",
+    "enroll_tree",
+    "identify",
+    "map_unknown",
+    "verify_claim",
+]
+__all__ = _API + _GALLERY
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
+    if name in _API:
         return getattr(importlib.import_module("facelab.api"), name)
+    if name in _GALLERY:
+        return getattr(importlib.import_module("facelab.gallery"), name)
     raise AttributeError(f"module 'facelab' has no attribute {name!r}")
