@@ -171,18 +171,25 @@ def evaluate(
     return report
 
 
-def run_images(config: dict[str, Any], split: str = "val") -> tuple[tuple[str, ...], list[Sample]]:
-    """The identities a training run (its saved config) learnt and its held-out ("val") or
-    training images: the same deterministic split the run made, so that accuracy and
-    submission checks use images the run never trained on."""
-    from facelab.data.folders import split_images
+def run_folder(config: dict[str, Any]) -> IdentityFolder:
+    """The identity folder a training run (its saved config) sees: its data, `min_images`
+    and `exclude_people`, as the training loop scans them."""
     from facelab.train.config import TrainConfig
     from facelab.train.loop import people_in
 
     cfg = TrainConfig.from_dict(config)
     excluded = set().union(*(people_in(p) for p in cfg.exclude_people))
-    folder = IdentityFolder.scan(cfg.data, cfg.min_images, exclude=excluded or None)
-    train_part, val_part = split_images(folder.samples, cfg.val_fraction, cfg.seed)
+    return IdentityFolder.scan(cfg.data, cfg.min_images, exclude=excluded or None)
+
+
+def run_images(config: dict[str, Any], split: str = "val") -> tuple[tuple[str, ...], list[Sample]]:
+    """The identities a training run learnt and its held-out ("val") or training images: the
+    same deterministic split the run made, so that accuracy and submission checks use images
+    the run never trained on."""
+    from facelab.data.folders import split_images
+
+    folder = run_folder(config)
+    train_part, val_part = split_images(folder.samples, config["val_fraction"], config["seed"])
     return folder.identities, val_part if split == "val" else train_part
 
 

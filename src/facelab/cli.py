@@ -18,7 +18,7 @@ from facelab import api
 from facelab.data.images import ImageError
 from facelab.gallery.store import GalleryError
 from facelab.models.checkpoint import CheckpointError
-from facelab.submission import ID_STYLES, parse_columns
+from facelab.submission import ID_STYLES, SCORE_CHUNK, parse_columns
 
 log = logging.getLogger("facelab")
 
@@ -367,7 +367,7 @@ def _add_submission_commands(sub: Any) -> None:
     )
     p.add_argument("--images-root", help="where image names resolve (default: the list's folder)")
     p.add_argument("--flip", action="store_true", help="add the mirrored face's embedding")
-    p.add_argument("--chunk-size", type=int, default=65536, help="trials scored at a time")
+    p.add_argument("--chunk-size", type=int, default=SCORE_CHUNK, help="trials scored at a time")
 
     p = sub.add_parser("data", help="check a data set, or lay one out as identity folders")
     data_sub = p.add_subparsers(dest="data_command", required=True)

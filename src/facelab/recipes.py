@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from facelab.api import load_model, run_images
-from facelab.data.folders import IdentityFolder
+from facelab.api import load_model, run_folder, run_images
 from facelab.data.trials import read_trials
 from facelab.eval.identification import detection_identification_rate, rank_k_accuracy
 from facelab.eval.metrics import roc_auc, tpr_at_fpr
@@ -45,7 +44,6 @@ from facelab.models.checkpoint import load_checkpoint
 from facelab.pipeline import embed_images
 from facelab.submission import load_classifier, predict_folder, trial_images, write_scores
 from facelab.train import TrainConfig, train
-from facelab.train.loop import people_in
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +84,7 @@ def link_subset(cfg: TrainConfig, identities: int, images_per_identity: int, des
     """An identity folder of links to the first images of the `identities` people with the
     most images, chosen after `cfg.exclude_people` is applied (so the trial list's people
     stay out of training)."""
-    excluded = set().union(*(people_in(p) for p in cfg.exclude_people))
-    folder = IdentityFolder.scan(cfg.data, cfg.min_images, exclude=excluded or None)
+    folder = run_folder(cfg.to_dict())
     images: dict[str, list[Path]] = {}
     for sample in folder.samples:
         images.setdefault(folder.identities[sample.label], []).append(sample.path)
