@@ -13,6 +13,7 @@ import torch
 import yaml
 from conftest import write_synthetic_folder
 
+import facelab
 from facelab.models import FaceModel
 from facelab.models.checkpoint import load_checkpoint
 from facelab.train import TrainConfig, train
@@ -48,7 +49,8 @@ def torchrun(*args: str) -> None:
     """`torchrun --standalone --nproc_per_node=2 -m facelab ...`, one thread per process."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc_per_node=2", "-m", "facelab", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    src = str(Path(facelab.__file__).parents[1])  # the facelab this test imported, not another
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": src}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -74,7 +76,9 @@ def test_two_processes_match_one(tmp_path: Path, loss: str) -> None:
     epochs = 2 if resumed else 1
     single = train(config(data, tmp_path / "single", loss, epochs))
     cfg = tmp_path / "ddp.yaml"
-    cfg.write_text(yaml.safe_dump(config(data, tmp_path / "ddp", loss, 1).to_dict()))
+    ddp_cfg = config(data, tmp_path / "ddp", loss, 1)
+    ddp_cfg.cache_dir = str(tmp_path / "cache")  # rank 0 writes the face cache, rank 1 reads it
+    cfg.write_text(yaml.safe_dump(ddp_cfg.to_dict()))
     torchrun("train", "--config", str(cfg))
     if resumed:
         torchrun("train", "--resume", str(tmp_path / "ddp" / "last.pt"), "--epochs", "2")

@@ -59,6 +59,8 @@ def _train(args: argparse.Namespace) -> None:
         overrides["out"] = args.out
     if args.epochs:
         overrides["epochs"] = args.epochs
+    if args.teacher:
+        overrides["teacher"] = args.teacher
     if args.smoke:
         if not args.config:
             raise SystemExit("facelab train --smoke: give --config configs/RECIPE.yaml")
@@ -474,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int)
     p.add_argument(
         "--resume", help="continue from this checkpoint (model, optimizer, schedule, RNG)"
+    )
+    p.add_argument(
+        "--teacher",
+        metavar="MODEL",
+        help="distil this model's embeddings (pretrained name or checkpoint) into the backbone",
     )
     p.add_argument(
         "--set",

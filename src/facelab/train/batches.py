@@ -34,7 +34,7 @@ class FaceBatches(Dataset[Batch]):
     """Item `idx` (a tensor of sample indices) is the batch (normalised inputs, labels)."""
 
     def __init__(
-        self, faces: np.ndarray, labels: torch.Tensor, spec: Preprocess, augment: Augment | None
+        self, faces: np.ndarray, labels: torch.Tensor, spec: Preprocess, augment: Augment
     ) -> None:
         self.faces = faces
         self.labels = labels
@@ -45,9 +45,7 @@ class FaceBatches(Dataset[Batch]):
         return len(self.faces)
 
     def __getitem__(self, idx: torch.Tensor) -> Batch:
-        batch = torch.from_numpy(np.ascontiguousarray(self.faces[idx.numpy()]))
-        if self.augment is not None:
-            batch = self.augment(batch)
+        batch = self.augment(torch.from_numpy(np.ascontiguousarray(self.faces[idx.numpy()])))
         return self.spec.normalise(batch), self.labels[idx]
 
 

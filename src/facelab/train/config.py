@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+DISTILL_LOSSES = ("cosine", "mse")
+
 
 @dataclass
 class TrainConfig:
@@ -34,6 +36,14 @@ class TrainConfig:
     exclude_people: list[str] = field(
         default_factory=list
     )  # people lists / trial lists to leave out
+    # people lists / trial lists to train on (empty: every identity not excluded)
+    include_people: list[str] = field(default_factory=list)
+    # knowledge distillation: reproduce this model's embeddings (pretrained name or checkpoint);
+    # the student's embedding_dim must equal the teacher's
+    teacher: str | None = None
+    distill_loss: str = "cosine"  # cosine | mse (raw student vs unit teacher embedding)
+    centre_targets: bool = True  # subtract the teacher's mean training embedding from targets
+    identity_weight: float = 0.0  # with a teacher: weight of the `loss` term on labels (0: unused)
     val_fraction: float = 0.1  # images per identity held out for classification accuracy
     val_trials: str | None = None  # trial list for per-epoch verification AUC
     batch_size: int = 64
@@ -80,6 +90,13 @@ class TrainConfig:
                 raise ValueError("cutmix mixes identities, which triplet losses cannot use")
         if self.trainable_blocks is not None and self.trainable_blocks < 0:
             raise ValueError(f"trainable_blocks must be >= 0, not {self.trainable_blocks}")
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise ValueError(
+                f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, "
+                f"not {self.distill_loss!r}"
+            )
+        if self.identity_weight < 0:
+            raise ValueError(f"identity_weight must be >= 0, not {self.identity_weight}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:

@@ -28,6 +28,7 @@ from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint, sa
 from facelab.train import distributed
 from facelab.train.batches import Batch, FaceBatches, batch_loader, decode_faces
 from facelab.train.config import TrainConfig
+from facelab.train.distill import distillation
 from facelab.train.losses import Criterion, FailureGuard, build_criterion, embedding_spread
 from facelab.train.sampler import IdentityBatches, ShuffledBatches
 from facelab.train.transfer import freeze_all_but_last, initial_model
@@ -140,7 +141,10 @@ class Trainer:
         seed_everything(cfg.seed)  # the same initial weights on every rank
 
         excluded = set().union(*(people_in(p) for p in cfg.exclude_people))
-        folder = IdentityFolder.scan(cfg.data, cfg.min_images, exclude=excluded or None)
+        included = set().union(*(people_in(p) for p in cfg.include_people))
+        folder = IdentityFolder.scan(
+            cfg.data, cfg.min_images, include=included or None, exclude=excluded or None
+        )
         self.classes = list(folder.identities)
         self.train_samples, self.val_samples = split_images(
             folder.samples, cfg.val_fraction, cfg.seed
@@ -165,6 +169,13 @@ class Trainer:
             cfg.head_options,
             cfg.center_loss,
         )
+        targets = None  # what batches carry besides inputs: labels, or sample indices
+        if cfg.teacher:  # the teacher's embeddings are cached by the first rank, read by the rest
+            identity = self.criterion
+            self.criterion, targets = distributed.in_turn(
+                lambda: distillation(cfg, identity, self.train_samples, self.embedding_dim),
+                self.dist,
+            )
         if self.dist.enabled:
             distributed.sync_batchnorm(self.model.backbone, self.device)
         self.model.to(self.device)
@@ -179,7 +190,9 @@ class Trainer:
         augment = Augment(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.augment.items()}
         )
-        self.train_batches = FaceBatches(train_faces, train_labels, spec, augment)
+        self.train_batches = FaceBatches(
+            train_faces, train_labels if targets is None else targets, spec, augment
+        )
         self.val_faces = None  # held-out images of the training identities, for top-k accuracy
         if self.val_samples and self.criterion.head is not None:
             self.val_faces = self._faces(self.val_samples)
@@ -256,7 +269,8 @@ class Trainer:
                 workers=self.cfg.workers,
             )
 
-        return distributed.in_turn(decode, self.dist)
+        # a cache file is written once, then read; without one every rank decodes at once
+        return distributed.in_turn(decode, self.dist) if self.cfg.cache_dir else decode()
 
     def _inputs(self, faces: np.ndarray) -> torch.Tensor:
         x = self.model.preprocess.normalise(torch.from_numpy(np.ascontiguousarray(faces)))

@@ -1,0 +1,179 @@
+"""Knowledge distillation: the embedding loss, the teacher-embedding cache, a tiny run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import write_synthetic_folder
+
+import facelab.train.distill as distill
+from facelab.data.folders import Sample
+from facelab.models.checkpoint import save_checkpoint
+from facelab.models.face_model import FaceModel
+from facelab.train import TrainConfig, Trainer, train
+from facelab.train.distill import (
+    Distillation,
+    cached_embeddings,
+    centred,
+    distillation_loss,
+    teacher_targets,
+)
+from facelab.train.losses import build_criterion
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP's spinning threads
+    make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(dim: int = 8, seed: int = 0) -> FaceModel:
+    torch.manual_seed(seed)
+    return FaceModel.create("shufflenetv2", embedding_dim=dim, input_size=32, width=0.5).eval()
+
+
+def test_cosine_loss_sees_only_directions() -> None:
+    teacher = F.normalize(torch.randn(5, 8), dim=1)
+    assert distillation_loss(3.0 * teacher, teacher, "cosine").item() == pytest.approx(0, abs=1e-6)
+    assert distillation_loss(-teacher, teacher, "cosine").item() == pytest.approx(2, abs=1e-6)
+    student = torch.randn(5, 8, requires_grad=True)
+    distillation_loss(student, teacher, "cosine").backward()
+    # scaling the student changes nothing, so the gradient has no radial component
+    radial = (student.grad * student.detach()).sum(1)
+    assert torch.allclose(radial, torch.zeros(5), atol=1e-6)
+
+
+def test_mse_loss_matches_cosine_on_unit_vectors_and_pulls_the_norm() -> None:
+    teacher = F.normalize(torch.randn(6, 8), dim=1)
+    student = F.normalize(torch.randn(6, 8), dim=1)
+    mse = distillation_loss(student, teacher, "mse")
+    assert mse.item() == pytest.approx(2 * distillation_loss(student, teacher, "cosine").item())
+    assert distillation_loss(2 * teacher, teacher, "mse").item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="distill_loss"):
+        distillation_loss(student, teacher, "l1")
+
+
+def test_criterion_looks_up_targets_by_sample_index() -> None:
+    targets = F.normalize(torch.randn(10, 8), dim=1)
+    labels = torch.arange(10) % 3
+    plain = Distillation(targets, labels, "cosine", build_criterion("softmax", 8, 3), 0.0)
+    assert plain.head is None and plain.margin is None
+    index = torch.tensor([7, 2, 2, 5])
+    assert plain(4.0 * targets[index], index).item() == pytest.approx(0, abs=1e-6)
+    assert plain(targets[index.flip(0)], index).item() > 0.1
+    assert plain.state_dict() == {}  # targets come back from the cache, not the checkpoint
+
+    with_ids = Distillation(targets, labels, "cosine", build_criterion("softmax", 8, 3), 0.5)
+    assert with_ids.head is not None
+    features = targets[index]
+    expected = 0.5 * F.cross_entropy(with_ids.head(features), labels[index])
+    assert with_ids(features, index).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_embeddings_are_cached_per_model_and_image_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = write_synthetic_folder(tmp_path / "ids", people=2, per_person=3, size=40)
+    paths = sorted(root.rglob("*.jpg"))
+    teacher = tiny_model()
+    cache = tmp_path / "cache"
+    first = cached_embeddings(teacher, paths, cache, workers=1)
+    assert first.shape == (6, 8)
+    assert np.allclose(np.linalg.norm(first, axis=1), 1, atol=1e-5)
+    assert len(list(cache.glob("embeddings-*.npz"))) == 1
+
+    def no_recompute(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the teacher ran again despite the cache")
+
+    monkeypatch.setattr(distill, "embed_images", no_recompute)
+    assert np.array_equal(cached_embeddings(teacher, paths, cache), first)
+    monkeypatch.undo()
+
+    other_images = cached_embeddings(teacher, paths[::-1], cache, workers=1)
+    assert np.allclose(other_images, first[::-1], atol=1e-5)
+    other_weights = cached_embeddings(tiny_model(seed=1), paths, cache, workers=1)
+    assert not np.allclose(other_weights, first)
+    assert len(list(cache.glob("embeddings-*.npz"))) == 3
+
+
+def test_centred_targets_drop_the_shared_direction() -> None:
+    rng = np.random.default_rng(0)
+    shared = np.ones(8, np.float32)
+    raw = shared + 0.3 * rng.standard_normal((50, 8)).astype(np.float32)
+    raw /= np.linalg.norm(raw, axis=1, keepdims=True)
+    assert (raw @ raw.T).mean() > 0.8  # every face looks alike to the raw cosine
+    targets = centred(raw, raw.mean(0))
+    assert np.allclose(np.linalg.norm(targets, axis=1), 1, atol=1e-6)
+    assert abs((targets @ targets.T).mean()) < 0.05
+    assert np.allclose(centred(raw, np.zeros(8, np.float32)), raw, atol=1e-6)
+
+
+def test_teacher_targets_centre_on_the_training_mean(tmp_path: Path) -> None:
+    root = write_synthetic_folder(tmp_path / "ids", people=2, per_person=2, size=40)
+    samples = [Sample(p, 0) for p in sorted(root.rglob("*.jpg"))]
+    teacher = tiny_model()
+    cfg = TrainConfig(cache_dir=str(tmp_path / "cache"), workers=1)
+    targets, mean = teacher_targets(cfg, teacher, samples)
+    raw = cached_embeddings(teacher, [s.path for s in samples], cfg.cache_dir)
+    assert np.allclose(mean, raw.mean(0)) and np.allclose(targets, centred(raw, mean))
+    cfg.centre_targets = False
+    targets, mean = teacher_targets(cfg, teacher, samples)
+    assert not mean.any() and np.allclose(targets, raw, atol=1e-6)
+
+
+def test_a_tiny_distillation_run(tmp_path: Path) -> None:
+    data = write_synthetic_folder(tmp_path / "ids", people=3, per_person=4, size=40)
+    teacher_file = save_checkpoint(tmp_path / "teacher.pt", tiny_model())
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        backbone="shufflenetv2",
+        backbone_options={"width": 0.5},
+        embedding_dim=8,
+        image_size=32,
+        batch_size=4,
+        epochs=1,
+        lr=0.05,
+        val_fraction=0.0,
+        min_images=1,
+        include_people=[],
+        teacher=str(teacher_file),
+        identity_weight=0.1,
+        cache_dir=str(tmp_path / "cache"),
+        workers=1,
+    )
+    result = train(cfg)
+    assert [r["epoch"] for r in result.history] == [1]
+    assert all(np.isfinite(r["train_loss"]) for r in result.history)
+    assert len(list((tmp_path / "cache").glob("embeddings-*.npz"))) == 1
+
+    with pytest.raises(ValueError, match="embedding_dim: 8"):
+        train(TrainConfig(**{**cfg.to_dict(), "embedding_dim": 16, "out": str(tmp_path / "b")}))
+
+
+def test_include_people_keeps_only_the_listed_identities(tmp_path: Path) -> None:
+    data = write_synthetic_folder(tmp_path / "ids", people=3, per_person=4, size=40)
+    people = tmp_path / "people.txt"
+    people.write_text("2\nperson_0\t4\nperson_2\t4\n")
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        backbone="shufflenetv2",
+        backbone_options={"width": 0.5},
+        embedding_dim=8,
+        image_size=32,
+        batch_size=4,
+        epochs=1,
+        include_people=[str(people)],
+        workers=1,
+    )
+    assert Trainer(cfg).classes == ["person_0", "person_2"]
