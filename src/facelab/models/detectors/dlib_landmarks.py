@@ -49,6 +49,9 @@ class ShapePredictor:
         leaves = model.leaves.shape[2]
         self._leaf_base = np.arange(trees) * leaves - splits
         self._leaves = model.leaves.reshape(cascades, trees * leaves, -1)
+        # Feature pixel offsets as (C, F, 1) columns: x and y rows of the transform at once.
+        self._dx = model.deltas[..., :1]
+        self._dy = model.deltas[..., 1:]
         # The initial shape centred, for the similarity to the current shape.
         initial = model.initial_shape.astype(np.float64)
         self._initial_centred = initial - initial.mean(axis=0)
@@ -75,17 +78,16 @@ class ShapePredictor:
             # by the similarity taking the initial shape to the current one (float32, as dlib).
             current = shape.reshape(-1, 2)
             tform = self._similarity(current)
-            d = m.deltas[c]
-            at = current[m.anchors[c]]
-            x = tform[0, 0] * d[:, 0] + tform[0, 1] * d[:, 1] + at[:, 0]
-            y = tform[1, 0] * d[:, 0] + tform[1, 1] * d[:, 1] + at[:, 1]
-            points = np.stack([x, y], axis=1).astype(np.float64) * scale + origin
+            moved = self._dx[c] * tform[:, 0] + self._dy[c] * tform[:, 1] + current[m.anchors[c]]
+            points = moved.astype(np.float64) * scale + origin
             features = _intensities(image, np.floor(points + 0.5).astype(np.int64))
+            # Every node's test at once (cheaper than per level), then walk down: left child
+            # 2k + 1 when the test holds, right child 2k + 2 otherwise.
+            diff = features[self._pixel1[c]] - features[self._pixel2[c]]
+            to_right = diff <= self._thresholds[c]
             node = np.zeros(len(self._tree_base), np.int64)
             for _ in range(self._depth):
-                k = self._tree_base + node
-                diff = features[self._pixel1[c, k]] - features[self._pixel2[c, k]]
-                node = 2 * node + np.where(diff > self._thresholds[c, k], 1, 2)
+                node = 2 * node + 1 + to_right[self._tree_base + node]
             updates = self._leaves[c, self._leaf_base + node]
             # dlib adds the trees' updates one after another in float32; cumsum keeps that order.
             shape = np.cumsum(np.vstack([shape, updates]), axis=0, dtype=np.float32)[-1]
@@ -112,12 +114,13 @@ def _intensities(image: np.ndarray, points: np.ndarray) -> np.ndarray:
     For RGB dlib takes the integer mean (r + g + b) / 3, rounded down.
     """
     rows, cols = image.shape[:2]
-    x, y = points[:, 0], points[:, 1]
-    inside = (x >= 0) & (x < cols) & (y >= 0) & (y < rows)
-    values = np.zeros(len(points), np.float32)
-    pixels = image[y[inside], x[inside]].astype(np.int64)
-    values[inside] = pixels.sum(axis=1) // 3 if image.ndim == 3 else pixels
-    return values
+    x = np.clip(points[:, 0], 0, cols - 1)
+    y = np.clip(points[:, 1], 0, rows - 1)
+    pixels = image[y, x]
+    if image.ndim == 3:
+        pixels = pixels.sum(axis=1, dtype=np.int32) // 3
+    inside = (x == points[:, 0]) & (y == points[:, 1])
+    return np.where(inside, pixels, 0).astype(np.float32)
 
 
 def dlib_box_from_mtcnn(landmarks: np.ndarray) -> Box:
