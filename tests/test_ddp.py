@@ -23,6 +23,15 @@ from facelab.train import TrainConfig, train
 NO_AUGMENT = {"flip": False, "crop_scale": [1.0, 1.0], "jitter": 0.0}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The single-process run sums in the order of the single-threaded DDP processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def config(data: Path, out: Path, loss: str, epochs: int) -> TrainConfig:
     options = {"images_per_identity": 2, "center_loss": 0.5} if loss.startswith("triplet") else {}
     return TrainConfig(
