@@ -31,24 +31,21 @@ from facelab.fileio import atomic_write_text
 from facelab.models.export import export_onnx, load_onnx
 from facelab.models.face_model import FaceModel
 from facelab.models.registry import DETECTORS
-from facelab.pipeline import centred_landmarks, largest_face_landmarks
+from facelab.pipeline import alignment_points, main_face_landmarks
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 log = logging.getLogger("bench_onnx")
 
 
 def aligned_inputs(model: FaceModel, paths: list[Path], batch: int = 32) -> torch.Tensor:
-    """Network inputs of the largest face of each image (centre crop where none is found)."""
+    """Network inputs of the main face of each image (centre crop where none is found)."""
     spec = model.preprocess
     detector = DETECTORS.create("mtcnn")
-    template = np.asarray(spec.template)
     inputs = []
     for start in range(0, len(paths), batch):
         images = [read_image(p) for p in paths[start : start + batch]]
         for image, det in zip(images, detector.detect(images), strict=True):
-            marks = largest_face_landmarks(det)
-            if marks is None:
-                marks = centred_landmarks(template, spec.size, image.shape, spec.crop)
+            marks = alignment_points(spec, image, main_face_landmarks(det, image.shape))
             inputs.append(spec.to_tensor(image, marks))
         log.info("aligned %d / %d faces", len(inputs), len(paths))
     return torch.stack(inputs)

@@ -24,7 +24,7 @@ from facelab.models.converters.mtcnn_weights import (
     WeightsError,
     facenet_pytorch_weights_dir,
 )
-from facelab.models.detectors.mtcnn import MTCNN, Detections, largest_face, mtcnn
+from facelab.models.detectors.mtcnn import MTCNN, Detections, face_order, main_face, mtcnn
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REFERENCE = SHARED / "reference" / "mtcnn_facenet_pytorch.json"
@@ -166,17 +166,21 @@ def test_identical_images_in_a_batch_give_identical_results(detector: MTCNN) -> 
 
 @needs_weights
 @needs_reference
-def test_mixed_sizes_keep_their_order_and_largest_face(detector: MTCNN) -> None:
-    item = _reference_lfw()[2]  # three faces; the reference lists the largest first
+def test_mixed_sizes_keep_their_order_and_main_face(detector: MTCNN) -> None:
+    # three faces; the reference lists the largest first, a face cut by the left border. LFW
+    # centres each image on its subject (Abdullah Gul), the face `main_face` must pick.
+    item = _reference_lfw()[2]
     image = read_image(SHARED / "data" / "lfw" / item["image"])
     noise = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
     found = detector.detect([image, noise, image])
     assert [len(d) for d in found] == [3, 0, 3]
     assert np.all(np.diff(found[0].scores) <= 0)
-    biggest = largest_face(found[0])
-    assert biggest is not None
-    assert _iou(np.asarray(item["boxes"][:1]), found[0].boxes[biggest : biggest + 1])[0, 0] > 0.99
-    assert largest_face(found[1]) is None
+    largest = _iou(np.asarray(item["boxes"][:1]), found[0].boxes)[0].argmax()
+    subject = main_face(found[0], image.shape)
+    assert subject is not None and subject != largest
+    box = found[0].boxes[subject]
+    assert np.abs((box[:2] + box[2:]) / 2 - 125).max() < 20  # the centred face
+    assert main_face(found[1], noise.shape) is None
 
 
 @needs_weights
@@ -240,3 +244,23 @@ def test_registered_as_a_detector() -> None:
     except ImportError as exc:  # the registry imports every built-in model package
         pytest.skip(f"built-in model packages not importable yet: {exc}")
     assert entry.constructor is mtcnn
+
+
+def _boxes(*boxes: tuple[float, float, float, float]) -> Detections:
+    n = len(boxes)
+    return Detections(
+        np.array(boxes, np.float32), np.ones(n, np.float32), np.zeros((n, 5, 2), np.float32)
+    )
+
+
+def test_main_face_prefers_the_centred_subject_over_a_slightly_larger_bystander() -> None:
+    shape = (250, 250, 3)
+    centred = (85, 85, 165, 165)  # 80 x 80 at the centre
+    bystander = (0, 20, 90, 110)  # 90 x 90 at the left edge
+    assert main_face(_boxes(bystander, centred), shape) == 1
+    # a face much larger than a small centred one still wins
+    assert main_face(_boxes((110, 110, 140, 140), (0, 0, 160, 160)), shape) == 1
+    # area is measured inside the image: a box hanging far past the border is not "large"
+    assert main_face(_boxes((-400, -400, 120, 120), (95, 95, 155, 155)), shape) == 1
+    assert main_face(_boxes(), shape) is None
+    assert face_order(_boxes(centred, bystander, (120, 120, 130, 130)), shape).tolist() == [0, 2, 1]

@@ -91,3 +91,15 @@ def test_config_rejects_unknown_option(tmp_path: Path) -> None:
     cfg.write_text("data: x\nlearning_rate: 0.1\n")
     with pytest.raises(ValueError, match="learning_rate"):
         TrainConfig.from_yaml(cfg)
+
+
+def test_five_point_alignment_scales_insightface_template() -> None:
+    from facelab.data.align import ARCFACE_TEMPLATE_112
+    from facelab.train.transfer import training_preprocess
+
+    spec = training_preprocess(TrainConfig(image_size=56, alignment="five_point"))
+    assert spec.alignment == "five_point" and spec.size == 56
+    assert spec.template == tuple((x / 2, y / 2) for x, y in ARCFACE_TEMPLATE_112)
+    assert training_preprocess(TrainConfig(image_size=56)).alignment == "centre_crop"
+    with pytest.raises(ValueError, match="alignment must be centre_crop or five_point"):
+        TrainConfig(alignment="dlib_chip")

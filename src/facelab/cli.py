@@ -108,11 +108,17 @@ def _embed(args: argparse.Namespace) -> None:
     api.save_embeddings(result, model, args.out)
     n = len(result.paths)
     total = sum(result.seconds.values())
-    print(json.dumps({
-        "out": args.out, "images": n, "no_face": int(result.fallback.sum()),
-        "faces_per_s": round(n / max(total, 1e-9), 1),
-        "ms_per_face": {k: round(1000 * v / n, 2) for k, v in result.seconds.items()},
-    }))
+    print(
+        json.dumps(
+            {
+                "out": args.out,
+                "images": n,
+                "no_face": int(result.fallback.sum()),
+                "faces_per_s": round(n / max(total, 1e-9), 1),
+                "ms_per_face": {k: round(1000 * v / n, 2) for k, v in result.seconds.items()},
+            }
+        )
+    )
 
 
 @command("verify")
@@ -549,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--all-faces",
         action="store_true",
-        help="enroll every face of an image (default: the largest)",
+        help="enroll every face of an image (default: the main, large and central one)",
     )
 
     p = sub.add_parser(
@@ -650,7 +656,7 @@ def _search_options() -> argparse.ArgumentParser:
         help="identity score: best enrolled image (default) or mean template",
     )
     p.add_argument(
-        "--all-faces", action="store_true", help="use every face of an image (default: the largest)"
+        "--all-faces", action="store_true", help="use every face of an image (default: main one)"
     )
     return p
 

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from facelab.data.images import read_image
 from facelab.models.detectors.dlib_landmarks import dlib_box_from_mtcnn, shape_predictor_5
+from facelab.models.detectors.mtcnn import Detections, main_face
 from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS, Preprocess
 from facelab.models.registry import DETECTORS
@@ -80,12 +80,14 @@ def alignment_points(
     return landmarks
 
 
-def largest_face_landmarks(detections: Any) -> np.ndarray | None:
-    """Landmarks (5, 2) of the largest detected face, or None."""
-    if len(detections.boxes) == 0:
-        return None
-    b = detections.boxes
-    return detections.landmarks[int(np.argmax((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])))]
+# Names the face-selection rule in cache keys: faces cached under another rule are not reused.
+FACE_SELECTION = "mtcnn-main-face"
+
+
+def main_face_landmarks(detections: Detections, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Landmarks (5, 2) of the photo's subject (`face_order`: large and central), or None."""
+    index = main_face(detections, shape)
+    return None if index is None else detections.landmarks[index]
 
 
 ImageLike = str | Path | np.ndarray
@@ -108,7 +110,7 @@ def embed_images(
     workers: int = 2,
     progress: bool = True,
 ) -> Embedded:
-    """Embed each image (file path or RGB uint8 array; its largest face) with the model's
+    """Embed each image (file path or RGB uint8 array; its main face, `face_order`) with the model's
     stored preprocessing. A background thread decodes the next batch while this one is
     detected, aligned and embedded; `Embedded.seconds` says where the time went."""
     paths = [item if isinstance(item, np.ndarray) else Path(item) for item in items]
@@ -137,7 +139,7 @@ def embed_images(
             if aligner is not None:
                 tick = time.perf_counter()
                 for i, det in enumerate(aligner.detect(images)):
-                    found = largest_face_landmarks(det)
+                    found = main_face_landmarks(det, images[i].shape)
                     fallback[start + i] = found is None
                     marks[i] = alignment_points(spec, images[i], found)
                 seconds["detect"] += time.perf_counter() - tick

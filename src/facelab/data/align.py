@@ -26,6 +26,22 @@ DLIB_FIVE_POINT_UNIT_FACE = np.array(
     ]
 )
 
+# insightface's five-point template for 112x112 ArcFace inputs (arcface_torch, skimage
+# SimilarityTransform onto these points), in MTCNN's landmark order: left eye, right eye, nose,
+# left and right mouth corner.
+ARCFACE_TEMPLATE_112 = (
+    (38.2946, 51.6963),
+    (73.5318, 51.5014),
+    (56.0252, 71.7366),
+    (41.5493, 92.3655),
+    (70.7299, 92.2041),
+)
+
+
+def arcface_template(size: int) -> tuple[tuple[float, float], ...]:
+    """insightface's 112-pixel template scaled to a size x size input."""
+    return tuple((x * size / 112, y * size / 112) for x, y in ARCFACE_TEMPLATE_112)
+
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (scale, rotation, translation; no reflection) taking src to dst.

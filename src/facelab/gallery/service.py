@@ -3,10 +3,12 @@ faces onto known identities, calibrate thresholds, and evaluate identification o
 
 Face policy (one place, used by every function here):
 
-- models aligned by five landmarks find faces with a detector (MTCNN by default); models aligned
-  by a centre crop were trained on pre-cropped faces, so each image is taken as one face;
-- several faces in an image: the largest is used (`all_faces=True` uses each, numbered 0, 1, ...
-  by decreasing size);
+- models aligned on landmarks (five_point, dlib_chip) find faces with a detector (MTCNN by
+  default); models aligned by a centre crop were trained on pre-cropped faces, so each image is
+  taken as one face;
+- several faces in an image: the photo's subject is used, the largest face after a penalty for
+  distance from the image centre (`face_order`, insightface's rule); `all_faces=True` uses each,
+  numbered 0, 1, ... in that order;
 - no face found: ``no_face="error"`` (default for enroll, verify_claim and identify: a clear error
   naming the file, nothing stored), ``"skip"`` (leave the image out, logged), or ``"centre"``
   (assume the face fills the centre crop, as in pre-cropped data sets; default for calibrate,
@@ -55,9 +57,11 @@ from facelab.gallery.store import (
     ModelInfo,
     Threshold,
 )
+from facelab.models.detectors.mtcnn import face_order
 from facelab.models.face_model import FaceModel
+from facelab.models.preprocess import LANDMARK_ALIGNMENTS
 from facelab.models.registry import DETECTORS
-from facelab.pipeline import ImageLike, centred_landmarks
+from facelab.pipeline import ImageLike, alignment_points
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +80,7 @@ class Face:
     item: int
     image: str  # file path, or "<array N>" for an in-memory image
     sha256: str
-    face: int  # 0 = the largest face of the image, 1 = the next, ...
+    face: int  # 0 = the image's main face (`face_order`), 1 = the next, ...
     box: tuple[float, float, float, float] | None  # None: the centre crop taken as the face
     embedding: np.ndarray
 
@@ -104,7 +108,7 @@ def find_faces(
         raise ValueError(f"no_face must be one of {NO_FACE_POLICIES}, not {no_face!r}")
     spec = model.preprocess
     aligner = None
-    if spec.alignment == "five_point":
+    if spec.alignment in LANDMARK_ALIGNMENTS:
         aligner = DETECTORS.create(detector) if isinstance(detector, str) else detector
     faces: list[Face] = []
     bar = tqdm(total=len(items), desc="faces", unit="img", disable=not progress)
@@ -127,20 +131,16 @@ def find_faces(
                 if no_face == "skip":
                     log.warning("%s: no face found, skipped", name)
                     continue
-                marks = centred_landmarks(
-                    np.asarray(spec.template), spec.size, image.shape, spec.crop
-                )
-                chosen.append((i, 0, None, marks))
+                chosen.append((i, 0, None, alignment_points(spec, image, None)))
             else:
-                area = (det.boxes[:, 2] - det.boxes[:, 0]) * (det.boxes[:, 3] - det.boxes[:, 1])
-                order = np.argsort(-area, kind="stable")
+                order = face_order(det, image.shape)
                 if not all_faces:
                     if len(order) > 1:
-                        log.debug("%s: %d faces, using the largest", name, len(order))
+                        log.debug("%s: %d faces, using the main one", name, len(order))
                     order = order[:1]
                 for number, j in enumerate(order):
                     box = tuple(float(v) for v in det.boxes[j])
-                    chosen.append((i, number, box, det.landmarks[j]))
+                    chosen.append((i, number, box, alignment_points(spec, image, det.landmarks[j])))
         if chosen:
             embeddings = model.embed_faces(
                 [images[i] for i, *_ in chosen], [m for *_, m in chosen], batch_size=batch_size
@@ -153,14 +153,14 @@ def find_faces(
     return faces
 
 
-def _largest_per_item(
+def _main_face_per_item(
     model: FaceModel,
     items: Sequence[ImageLike],
     no_face: str,
     detector: str | object,
     progress: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings (n, D), found (n,) bool): the largest face of each item; zero rows where
+    """(embeddings (n, D), found (n,) bool): the main face of each item; zero rows where
     no face was kept."""
     faces = find_faces(model, items, no_face=no_face, detector=detector, progress=progress)
     emb = np.zeros((len(items), model.embedding_dim), dtype=np.float32)
@@ -299,7 +299,7 @@ def verify_claim(
     no_face: str = "error",
     detector: str | object = "mtcnn",
 ) -> Claim:
-    """Accept or reject "this is `name`" for the largest face of `image` (1:1)."""
+    """Accept or reject "this is `name`" for the main face of `image` (1:1)."""
     with _opened(gallery) as store:
         store.check_model(ModelInfo.of(model))
         chosen = resolve_threshold(store, threshold, far)
@@ -342,7 +342,7 @@ def identify(
     detector: str | object = "mtcnn",
     search: GallerySearch | None = None,
 ) -> list[Identification]:
-    """Top-k enrolled identities for each face (largest, or each with `all_faces`); the
+    """Top-k enrolled identities for each face (the main one, or each with `all_faces`); the
     decision is the best one if its score reaches the threshold, else UNKNOWN.
 
     Pass a `GallerySearch` to reuse its index across calls (it rebuilds itself when the
@@ -450,7 +450,7 @@ def map_unknown(
         by_name.setdefault(name, []).append(EnrolledFace(f.image, f.sha256, f.face, f.embedding))
     root = Path(unknown)
     files = _image_files(root)
-    emb, found = _largest_per_item(model, files, no_face, detector, progress)
+    emb, found = _main_face_per_item(model, files, no_face, detector, progress)
     kept = [i for i in range(len(files)) if found[i]]
     matches = _nearest_identities(ModelInfo.of(model), by_name, emb[kept], method, aggregate)
     rows = [
@@ -485,7 +485,7 @@ def calibrate(
     if any(t.label is None for t in trial_list):
         raise ValueError(f"{trials}: calibration needs a same/different label on every trial")
     unique = sorted({p for t in trial_list for p in (t.a, t.b)})
-    emb, found = _largest_per_item(model, unique, no_face, detector, progress)
+    emb, found = _main_face_per_item(model, unique, no_face, detector, progress)
     index = {p: i for i, p in enumerate(unique)}
     pairs = [(index[t.a], index[t.b], t.label) for t in trial_list]
     pairs = [p for p in pairs if found[p[0]] and found[p[1]]]
@@ -595,7 +595,7 @@ def eval_identification(
     With `out_dir`: metrics.json and dir_far.png there."""
     split = LfwSplit.from_root(lfw_root)
     items = [p for _, p in split.gallery] + [p for _, p in split.probes] + split.impostors
-    emb, _ = _largest_per_item(model, items, no_face, detector, progress)
+    emb, _ = _main_face_per_item(model, items, no_face, detector, progress)
     row = {p: i for i, p in enumerate(items)}
     n_gal, n_probe = len(split.gallery), len(split.probes)
     gallery, probes, impostors = emb[:n_gal], emb[n_gal : n_gal + n_probe], emb[n_gal + n_probe :]

