@@ -2,16 +2,19 @@
 
 Same decoded images for every pipeline (default: the first 500 distinct images of LFW
 pairsDevTest.txt). Times, per face, medians over `--repeats` runs:
-  dlib: HOG detector + 5-point shape model + ResNet descriptor (batch 1, as dlib's API works);
+  dlib: HOG detector + 5-point shape model + ResNet descriptor (batch 1, as dlib's API works),
+  and dlib's CNN (MMOD) detector alone on the first `--cnn-images` images (it is slow);
   face_recognition.face_encodings (HOG, "small" 5-point model) when it imports;
-  facelab: MTCNN port + five-point alignment + dlib_resnet port, at batch 1 and batch 32, with
-  the traced/frozen fast path and (batch 32) without it, plus channels_last and optional
-  torch.compile variants of the embedding stage alone.
+  facelab: MTCNN port + alignment (the registered five-point template, and dlib's own chip
+  from the 5-point shape-model port) + dlib_resnet port, at batch 1 and batch 32, with the
+  traced/frozen fast path and (batch 32) without it; for the embedding stage alone also
+  channels_last, optional torch.compile, and batch sizes 1 to 64.
 Also: cosine agreement of facelab's and dlib's descriptors on the same images, and the
 achieved GFLOP/s of each facelab stage against this machine's float32 matmul peak measured
 in the same run.
 
     python benchmarks/bench_pipeline.py [--images 500] [--repeats 3] [--compile]
+        [--cnn-images 10] [--profile]
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from facelab import load_model
 from facelab.data.images import read_image
 from facelab.data.trials import read_trials
+from facelab.models.backbones.dlib_resnet import DLIB_CHIP_PREPROCESS
+from facelab.models.face_model import FaceModel
 from facelab.models.registry import DETECTORS
 from facelab.pipeline import embed_images
 
@@ -78,6 +83,22 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument(
+        "--cnn-images",
+        type=int,
+        default=10,
+        help="time dlib's CNN (MMOD) face detector on this many images (about 1.7 s each)",
+    )
+    parser.add_argument(
+        "--alignment",
+        nargs="+",
+        choices=("registered", "dlib_chip"),
+        default=["registered", "dlib_chip"],
+        help="dlib_resnet's registered preprocessing and/or dlib's own chip",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="print the top operators of one facelab run"
+    )
     args = parser.parse_args()
 
     paths = list(dict.fromkeys(p for t in read_trials(args.pairs) for p in (t.a, t.b)))
@@ -104,6 +125,18 @@ def main() -> None:
         )
     dlib_ms = record("dlib: HOG + shape model + ResNet (batch 1)", runs)
 
+    if args.cnn_images:
+        cnn = dlib.dlib.cnn_face_detection_model_v1(model_file("mmod_human_face_detector.dat"))
+        subset = images[: args.cnn_images]
+        runs = []
+        for _ in range(args.repeats):
+            tick = time.perf_counter()
+            for img in subset:
+                cnn(img, 0)
+            ms = 1000 * (time.perf_counter() - tick) / len(subset)
+            runs.append({"detect": ms, "total": ms})
+        record(f"dlib CNN (MMOD) detector alone, {len(subset)} images", runs)
+
     face_recognition = import_face_recognition()
     if face_recognition is not None:
         runs = []
@@ -114,26 +147,34 @@ def main() -> None:
             runs.append({"total": 1000 * (time.perf_counter() - tick) / n})
         record("face_recognition.face_encodings", runs)
 
-    model = load_model("dlib_resnet")
-    fast = model.for_inference()
     detector = DETECTORS.create("mtcnn")
     results = {}
-    for label, runner, batch in (
-        ("facelab batch 1 (fast path)", fast, 1),
-        ("facelab batch 32 (eager)", model, 32),
-        ("facelab batch 32 (fast path)", fast, 32),
-    ):
-        runs = []
-        for _ in range(args.repeats):
-            tick = time.perf_counter()
-            out = embed_images(runner, images, batch_size=batch, detector=detector, progress=False)
-            total = time.perf_counter() - tick
-            stages = {k: 1000 * v / n for k, v in out.seconds.items() if k != "read"}
-            runs.append({**stages, "total": 1000 * total / n})
-        results[label] = out
-        record(label, runs)
+    for alignment in args.alignment:
+        model = dlib_resnet(alignment)
+        fast = model.for_inference()
+        for label, runner, batch in (
+            (f"facelab {alignment}, batch 1 (fast path)", fast, 1),
+            (f"facelab {alignment}, batch 32 (eager)", model, 32),
+            (f"facelab {alignment}, batch 32 (fast path)", fast, 32),
+        ):
+            runs = []
+            for _ in range(args.repeats):
+                tick = time.perf_counter()
+                out = embed_images(
+                    runner, images, batch_size=batch, detector=detector, progress=False
+                )
+                total = time.perf_counter() - tick
+                stages = {k: 1000 * v / n for k, v in out.seconds.items() if k != "read"}
+                runs.append({**stages, "total": 1000 * total / n})
+            results[label] = out
+            record(label, runs)
 
-    # Embedding stage alone, other fast-path candidates, on the aligned faces of the last run.
+    if args.profile:
+        with torch.profiler.profile() as prof:
+            embed_images(fast, images[:64], batch_size=32, detector=detector, progress=False)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+    # Embedding stage alone: other fast-path candidates, and the batch size.
     spec = model.preprocess
     x = torch.randn(32, 3, spec.size, spec.size)
     variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -145,19 +186,22 @@ def main() -> None:
     if args.compile:
         variants["torch.compile"] = torch.compile(load_model("dlib_resnet").backbone)
     embed_only = {}
+    by_batch = {}
     with torch.inference_mode():
         for name, fn in variants.items():
             fn(x)
             embed_only[name] = (
                 1000 * min(_timed(lambda f=fn: f(x)) for _ in range(args.repeats)) / 32
             )
+        for size in (1, 8, 16, 32, 64):
+            xb = torch.randn(size, 3, spec.size, spec.size)
+            fast.backbone(xb)
+            fastest = min(_timed(lambda b=xb: fast.backbone(b)) for _ in range(args.repeats))
+            by_batch[size] = 1000 * fastest / size
 
     embed_flops = flops_of(lambda: model.backbone(x[:1]))
     detect_flops = flops_of(lambda: detector.detect(images[:32])) / min(32, n)
-    best = dict(rows)["facelab batch 32 (fast path)"]
-    ours = results["facelab batch 32 (fast path)"].embeddings
     ref_unit = ref / np.linalg.norm(ref, axis=1, keepdims=True)
-    cos = np.einsum("ij,ij->i", ours, ref_unit)
 
     print(
         f"\n{n} LFW images ({Path(args.pairs).name}), {torch.get_num_threads()} torch threads, "
@@ -181,15 +225,30 @@ def main() -> None:
         + ", ".join(f"{k} {v:.2f}" for k, v in embed_only.items())
     )
     print(
+        "traced+frozen embedding by batch size, ms/face: "
+        + ", ".join(f"{b}: {v:.2f}" for b, v in by_batch.items())
+    )
+    best = dict(rows)[f"facelab {args.alignment[-1]}, batch 32 (fast path)"]
+    print(
         f"achieved: detect {detect_flops / best['detect'] / 1e6:.1f} GFLOP/s "
         f"({detect_flops / 1e9:.2f} GFLOP/face), embed {embed_flops / best['embed'] / 1e6:.1f} "
         f"GFLOP/s ({embed_flops / 1e9:.2f} GFLOP/face); peak {peak:.1f} GFLOP/s"
     )
-    print(
-        f"descriptor cosine facelab vs dlib on the same images: mean {cos.mean():.4f}, "
-        f"median {np.median(cos):.4f}, min {cos.min():.4f}; no face: facelab "
-        f"{int(results['facelab batch 32 (fast path)'].fallback.sum())}, dlib {dlib.fallbacks}"
-    )
+    for alignment in args.alignment:
+        out = results[f"facelab {alignment}, batch 32 (fast path)"]
+        cos = np.einsum("ij,ij->i", out.embeddings, ref_unit)
+        print(
+            f"descriptor cosine facelab ({alignment}) vs dlib on the same images: mean "
+            f"{cos.mean():.4f}, median {np.median(cos):.4f}, min {cos.min():.4f}; no face: "
+            f"facelab {int(out.fallback.sum())}, dlib {dlib.fallbacks}"
+        )
+
+
+def dlib_resnet(alignment: str) -> FaceModel:
+    """The imported dlib ResNet with its registered preprocessing, or with dlib's own chip."""
+    if alignment == "dlib_chip":
+        return FaceModel.create("dlib_resnet", preprocess=DLIB_CHIP_PREPROCESS, pretrained=True)
+    return load_model("dlib_resnet")
 
 
 if __name__ == "__main__":

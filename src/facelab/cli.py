@@ -18,6 +18,7 @@ from facelab import api
 from facelab.data.images import ImageError
 from facelab.gallery.store import GalleryError
 from facelab.models.checkpoint import CheckpointError
+from facelab.runtime import set_threads
 from facelab.submission import ID_STYLES, SCORE_CHUNK, parse_columns
 
 log = logging.getLogger("facelab")
@@ -678,6 +679,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    set_threads()
     try:
         COMMANDS[args.command](args)
     except (
