@@ -55,7 +55,7 @@ def detector() -> Iterator[MTCNN]:
     # not be scheduled costs more than it gains.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield mtcnn()
+    yield mtcnn(min_face_size=20)  # facenet-pytorch's setting, which the reference used
     torch.set_num_threads(threads)
 
 
@@ -226,8 +226,9 @@ def test_corrupt_weights_give_a_clear_error(tmp_path: Path) -> None:
 
 def test_unpretrained_model_runs_and_settings_are_checked() -> None:
     torch.manual_seed(0)
-    model = mtcnn(pretrained=False, min_face_size=40)
-    assert model.min_face_size == 40
+    assert mtcnn(pretrained=False).min_face_size == 40
+    model = mtcnn(pretrained=False, min_face_size=30)
+    assert model.min_face_size == 30
     image = np.random.default_rng(1).integers(0, 256, (60, 70, 3), dtype=np.uint8)
     assert len(model.detect([image])) == 1
     with pytest.raises(ValueError, match="factor"):

@@ -80,8 +80,9 @@ def alignment_points(
     return landmarks
 
 
-# Names the face-selection rule in cache keys: faces cached under another rule are not reused.
-FACE_SELECTION = "mtcnn-main-face"
+# Names the default detector and face-selection rule in cache keys: faces cached under
+# another detector setting or rule are not reused.
+FACE_SELECTION = "mtcnn-min40-main-face"
 
 
 def main_face_landmarks(detections: Detections, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -337,13 +337,16 @@ def _crops(integral: Tensor, boxes: Tensor, image_idx: Tensor, size: int) -> tup
 class MTCNN(nn.Module):
     """The three-stage cascade; `detect` maps RGB uint8 images to per-image `Detections`.
 
-    Defaults are facenet-pytorch's: faces from `min_face_size` pixels up, stage thresholds
-    `thresholds`, pyramid scale step `factor`.
+    Stage thresholds `thresholds` and pyramid scale step `factor` are facenet-pytorch's; faces
+    are found from `min_face_size` pixels up, 40 here where facenet-pytorch uses 20: faces
+    smaller than 40 pixels are too small for the 112-150 pixel inputs of recognition networks,
+    and finding them costs more than half the detector's time (the largest pyramid levels, and
+    twice the proposals for R-Net). Pass min_face_size=20 for facenet-pytorch's detections.
     """
 
     def __init__(
         self,
-        min_face_size: float = 20,
+        min_face_size: float = 40,
         thresholds: Sequence[float] = (0.6, 0.7, 0.7),
         factor: float = 0.709,
     ) -> None:
