@@ -8,9 +8,9 @@ pairsDevTest.txt). Times, per face, medians over `--repeats` runs:
   facelab: MTCNN port + alignment (the registered five-point template, and dlib's own chip
   from the 5-point shape-model port) + dlib_resnet port, at batch 1 and batch 32, with the
   traced/frozen fast path and (batch 32) without it; for the embedding stage alone also
-  channels_last, optional torch.compile, and batch sizes 1 to 64. facelab's MTCNN looks for
-  faces from 40 pixels up (dlib's HOG detector at upsample 0: from about 80); one more row
-  uses facenet-pytorch's 20.
+  channels_last, onnxruntime (when installed), optional torch.compile, and batch sizes 1 to
+  64. facelab's MTCNN looks for faces from 40 pixels up (dlib's HOG detector at upsample 0:
+  from about 80); one more row uses facenet-pytorch's 20.
 Also: cosine agreement of facelab's and dlib's descriptors on the same images, and the
 achieved GFLOP/s of each facelab stage against this machine's float32 matmul peak measured
 in the same run.
@@ -38,7 +38,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from facelab import load_model
 from facelab.data.images import read_image
 from facelab.data.trials import read_trials
-from facelab.models.backbones.dlib_resnet import DLIB_CHIP_PREPROCESS
 from facelab.models.face_model import FaceModel
 from facelab.models.registry import DETECTORS
 from facelab.pipeline import embed_images
@@ -195,6 +194,10 @@ def main() -> None:
     variants["channels_last"] = lambda t: cl(t.contiguous(memory_format=torch.channels_last))
     if args.compile:
         variants["torch.compile"] = torch.compile(load_model("dlib_resnet").backbone)
+    if importlib.util.find_spec("onnxruntime") is not None:
+        from facelab.models.export import load_onnx, onnx_bytes
+
+        variants["onnxruntime"] = load_onnx(onnx_bytes(model)).backbone
     embed_only = {}
     by_batch = {}
     with torch.inference_mode():
@@ -244,20 +247,23 @@ def main() -> None:
         f"({detect_flops / 1e9:.2f} GFLOP/face), embed {embed_flops / best['embed'] / 1e6:.1f} "
         f"GFLOP/s ({embed_flops / 1e9:.2f} GFLOP/face); peak {peak:.1f} GFLOP/s"
     )
+    found = np.array(dlib.found[:n])  # the first timed round's images, in order
     for alignment in args.alignment:
         out = results[f"facelab {alignment}, batch 32 (fast path)"]
         cos = np.einsum("ij,ij->i", out.embeddings, ref_unit)
         print(
             f"descriptor cosine facelab ({alignment}) vs dlib on the same images: mean "
-            f"{cos.mean():.4f}, median {np.median(cos):.4f}, min {cos.min():.4f}; no face: "
-            f"facelab {int(out.fallback.sum())}, dlib {dlib.fallbacks}"
+            f"{cos.mean():.4f}, median {np.median(cos):.4f}, min {cos.min():.4f}; mean over "
+            f"the {int(found.sum())} images where dlib's HOG found a face "
+            f"{cos[found].mean():.4f}; no face: facelab {int(out.fallback.sum())}, dlib "
+            f"{n - int(found.sum())}"
         )
 
 
 def dlib_resnet(alignment: str) -> FaceModel:
     """The imported dlib ResNet with its registered preprocessing, or with dlib's own chip."""
     if alignment == "dlib_chip":
-        return FaceModel.create("dlib_resnet", preprocess=DLIB_CHIP_PREPROCESS, pretrained=True)
+        return load_model("dlib_resnet_chip")
     return load_model("dlib_resnet")
 
 

@@ -35,6 +35,7 @@ class DlibPipeline:
         default_factory=lambda: dict.fromkeys(("detect", "landmarks", "descriptor"), 0.0)
     )
     fallbacks: int = 0
+    found: list[bool] = field(default_factory=list)  # per image: did HOG find a face
 
     def __post_init__(self) -> None:
         import dlib
@@ -50,6 +51,7 @@ class DlibPipeline:
         tick = time.perf_counter()
         rects = list(self.detector(image, self.upsample))
         self.seconds["detect"] += time.perf_counter() - tick
+        self.found.append(bool(rects))
         if rects:
             return max(rects, key=lambda r: r.area())
         self.fallbacks += 1

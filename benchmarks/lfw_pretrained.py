@@ -28,8 +28,6 @@ from facelab.data.images import read_image
 from facelab.data.trials import read_trials
 from facelab.eval.metrics import verification_report
 from facelab.fileio import atomic_write_text
-from facelab.models.backbones.dlib_resnet import DLIB_CHIP_PREPROCESS
-from facelab.models.face_model import FaceModel
 from facelab.pipeline import embed_images
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -85,9 +83,7 @@ def main() -> None:
     runs = []
     for alignment in args.alignment:
         if alignment == "dlib_chip":
-            model = FaceModel.create(
-                "dlib_resnet", preprocess=DLIB_CHIP_PREPROCESS, pretrained=True
-            )
+            model = load_model("dlib_resnet_chip")
         else:
             model = load_model("dlib_resnet")
         ours = embed_images(model.for_inference(), images, batch_size=args.batch_size)
@@ -121,6 +117,7 @@ def main() -> None:
     )
     ref_unit = ref / np.linalg.norm(ref, axis=1, keepdims=True)
     agreement = {a: np.einsum("ij,ij->i", o.embeddings, ref_unit) for a, o, _ in runs}
+    found = np.array(dlib.found)
     result = {
         "pairs": len(trials),
         "images": n,
@@ -130,7 +127,12 @@ def main() -> None:
             "dlib": dlib.fallbacks,
         },
         "descriptor_cosine_facelab_vs_dlib": {
-            a: {"mean": float(c.mean()), "median": float(np.median(c)), "min": float(c.min())}
+            a: {
+                "mean": float(c.mean()),
+                "median": float(np.median(c)),
+                "min": float(c.min()),
+                "mean_where_dlib_found_a_face": float(c[found].mean()),
+            }
             for a, c in agreement.items()
         },
         "rows": rows,
@@ -162,7 +164,9 @@ def main() -> None:
     for a, c in result["descriptor_cosine_facelab_vs_dlib"].items():
         print(
             f"descriptor cosine facelab ({a}) vs dlib, same image: mean {c['mean']:.4f}, "
-            f"median {c['median']:.4f}, min {c['min']:.4f}"
+            f"median {c['median']:.4f}, min {c['min']:.4f}; mean over the "
+            f"{int(found.sum())} images where dlib's HOG found a face "
+            f"{c['mean_where_dlib_found_a_face']:.4f}"
         )
 
 

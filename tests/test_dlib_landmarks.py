@@ -208,6 +208,9 @@ def test_dlib_chip_preprocess_is_chosen_per_model(monkeypatch: pytest.MonkeyPatc
     assert spec.fingerprint() != DLIB_PREPROCESS.fingerprint()
     model = FaceModel.create("dlib_resnet", preprocess=spec)
     assert FaceModel.from_description(model.describe()).preprocess == spec
+    registered = FaceModel.create("dlib_resnet_chip")  # the same network, dlib's chip
+    assert registered.name == "dlib_resnet_chip" and registered.preprocess == spec
+    assert registered.backbone.state_dict().keys() == model.backbone.state_dict().keys()
     with pytest.raises(ValueError, match="five points per face"):
         spec.crop_face(np.zeros((100, 100, 3), np.uint8))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
