@@ -76,7 +76,7 @@ def embed_directory(
     fast: bool = True,
     progress: bool = True,
 ) -> Embedded:
-    """Embed every image under `root` (recursively, sorted), largest face each, in batches.
+    """Embed every image under `root` (recursively, sorted), its main face, in batches.
 
     fast: run a traced, frozen copy of the model (`FaceModel.for_inference`).
     """
