@@ -172,14 +172,12 @@ def evaluate(
 
 
 def run_folder(config: dict[str, Any]) -> IdentityFolder:
-    """The identity folder a training run (its saved config) sees: its data, `min_images`
-    and `exclude_people`, as the training loop scans them."""
+    """The identity folder a training run (its saved config) sees, as the training loop scans
+    it (`training_folder`)."""
     from facelab.train.config import TrainConfig
-    from facelab.train.loop import people_in
+    from facelab.train.loop import training_folder
 
-    cfg = TrainConfig.from_dict(config)
-    excluded = set().union(*(people_in(p) for p in cfg.exclude_people))
-    return IdentityFolder.scan(cfg.data, cfg.min_images, exclude=excluded or None)
+    return training_folder(TrainConfig.from_dict(config))
 
 
 def run_images(config: dict[str, Any], split: str = "val") -> tuple[tuple[str, ...], list[Sample]]:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from facelab.api import load_model, run_folder, run_images
 from facelab.data.trials import read_trials
@@ -44,6 +43,7 @@ from facelab.models.checkpoint import load_checkpoint
 from facelab.pipeline import embed_images
 from facelab.submission import load_classifier, predict_folder, trial_images, write_scores
 from facelab.train import TrainConfig, train
+from facelab.train.config import read_options
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,6 @@ def smoke_overrides_path(config: str | Path) -> Path:
     return config.parent / SMOKE_FOLDER / config.name
 
 
-def _mapping(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of training options")
-    return data
-
-
 def smoke_config(config: str | Path, **overrides: Any) -> tuple[TrainConfig, dict[str, int]]:
     """The recipe with its smoke overrides, then `overrides` (e.g. from --set) on top; the
     `subset` entry ({identities, images_per_identity, trials}) is returned apart, since it
@@ -72,7 +65,7 @@ def smoke_config(config: str | Path, **overrides: Any) -> tuple[TrainConfig, dic
     path = smoke_overrides_path(config)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no smoke overrides for {config}")
-    merged = {**_mapping(Path(config)), **_mapping(path), **overrides}
+    merged = {**read_options(config), **read_options(path), **overrides}
     subset = merged.pop("subset", None) or {}
     unknown = set(subset) - set(SUBSET_KEYS)
     if unknown:

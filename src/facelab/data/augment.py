@@ -24,6 +24,10 @@ class Augment:
     jitter: float = 0.2
     erase: float = 0.0
 
+    def __post_init__(self) -> None:
+        # configs (YAML, JSON) give the range as a list; the (1, 1) check compares tuples
+        object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
+
     def __call__(self, faces: torch.Tensor) -> torch.Tensor:
         """uint8 or float (N, H, W, 3) in 0..255 -> float (N, H, W, 3) in 0..255."""
         x = faces.float().permute(0, 3, 1, 2)

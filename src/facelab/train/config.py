@@ -12,6 +12,14 @@ import yaml
 DISTILL_LOSSES = ("cosine", "mse")
 
 
+def read_options(path: str | Path) -> dict[str, Any]:
+    """The mapping of training options in a YAML file (not yet checked against the fields)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of training options")
+    return data
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; `facelab train --config X.yaml --key value` fills it."""
@@ -106,10 +114,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of training options")
-        return cls.from_dict({**data, **overrides}, source=str(path))
+        return cls.from_dict({**read_options(path), **overrides}, source=str(path))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:

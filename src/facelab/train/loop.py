@@ -51,6 +51,16 @@ def people_in(path: str | Path) -> set[str]:
     return trial_people(read_trials(path))
 
 
+def training_folder(cfg: TrainConfig) -> IdentityFolder:
+    """The identity folder a run trains on: `data` with at least `min_images` per person,
+    restricted to `include_people` (when given) and without `exclude_people`."""
+    excluded = set().union(*(people_in(p) for p in cfg.exclude_people))
+    included = set().union(*(people_in(p) for p in cfg.include_people))
+    return IdentityFolder.scan(
+        cfg.data, cfg.min_images, include=included or None, exclude=excluded or None
+    )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -140,21 +150,16 @@ class Trainer:
             )
         seed_everything(cfg.seed)  # the same initial weights on every rank
 
-        excluded = set().union(*(people_in(p) for p in cfg.exclude_people))
-        included = set().union(*(people_in(p) for p in cfg.include_people))
-        folder = IdentityFolder.scan(
-            cfg.data, cfg.min_images, include=included or None, exclude=excluded or None
-        )
+        folder = training_folder(cfg)
         self.classes = list(folder.identities)
         self.train_samples, self.val_samples = split_images(
             folder.samples, cfg.val_fraction, cfg.seed
         )
         log.info(
-            "%d identities, %d train / %d val images (%d people excluded)",
+            "%d identities, %d train / %d val images",
             folder.num_classes,
             len(self.train_samples),
             len(self.val_samples),
-            len(excluded),
         )
 
         self.model = model_from_checkpoint(payload) if payload else initial_model(cfg)
@@ -186,10 +191,7 @@ class Trainer:
         spec = self.model.preprocess
         train_faces = self._faces(self.train_samples)
         train_labels = torch.tensor([s.label for s in self.train_samples])
-        # YAML gives lists where Augment compares tuples
-        augment = Augment(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.augment.items()}
-        )
+        augment = Augment(**cfg.augment)
         self.train_batches = FaceBatches(
             train_faces, train_labels if targets is None else targets, spec, augment
         )
