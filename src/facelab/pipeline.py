@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from facelab.data.images import read_image
 from facelab.models.detectors.dlib_landmarks import dlib_box_from_mtcnn, shape_predictor_5
-from facelab.models.detectors.mtcnn import Detections, main_face
+from facelab.models.detectors.mtcnn import MIN_FACE_SIZE, Detections, main_face
 from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS, Preprocess
 from facelab.models.registry import DETECTORS
@@ -82,7 +82,7 @@ def alignment_points(
 
 # Names the default detector and face-selection rule in cache keys: faces cached under
 # another detector setting or rule are not reused.
-FACE_SELECTION = "mtcnn-min40-main-face"
+FACE_SELECTION = f"mtcnn-min{MIN_FACE_SIZE}-main-face"
 
 
 def main_face_landmarks(detections: Detections, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 # peak memory is about 170 bytes per input pixel, and batches of 16 LFW images already get
 # most of the speed-up of batching.
 MAX_BATCH_PIXELS = 1_000_000
+# Smallest face searched for by default, in pixels (facenet-pytorch: 20; see `MTCNN`).
+MIN_FACE_SIZE = 40
 # Pairwise-overlap matrices of NMS are built for groups of boxes of about this many pairs.
 NMS_CHUNK_PAIRS = 1 << 20
 
@@ -346,7 +348,7 @@ class MTCNN(nn.Module):
 
     def __init__(
         self,
-        min_face_size: float = 40,
+        min_face_size: float = MIN_FACE_SIZE,
         thresholds: Sequence[float] = (0.6, 0.7, 0.7),
         factor: float = 0.709,
     ) -> None:
