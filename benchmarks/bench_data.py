@@ -27,26 +27,12 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from bench_pipeline import flops_of, matmul_peak_gflops, timed
 
 from facelab.train import TrainConfig, Trainer
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
 SETTINGS = [("resnet18", 112), ("mobilefacenet", 112), ("resnet18", 32), ("mobilefacenet", 32)]
-
-
-def peak_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """Best float32 matmul rate: the CPU's practical peak with this torch build and threads."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * size**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    tick = time.perf_counter()
-    fn()
-    return time.perf_counter() - tick
 
 
 def images_per_s(batches, steps: int, batch: int, work=lambda x, y: None) -> float:
@@ -78,10 +64,8 @@ def bench(name: str, size: int, batch: int, steps: int, lfw: Path, out: Path) ->
     loader = images_per_s(trainer.batches(0), steps, batch)
     x, y = next(iter(trainer.batches(1)))
     trainer.step(x, y)  # warm-up: allocator, oneDNN primitives
-    step_seconds = min(_timed(lambda: trainer.step(x, y)) for _ in range(steps))
-    with FlopCounterMode(display=False) as counter:
-        trainer.step(x, y)
-    flops = counter.get_total_flops()
+    step_seconds = min(timed(lambda: trainer.step(x, y)) for _ in range(steps))
+    flops = flops_of(lambda: trainer.step(x, y))
     both = {}
     for workers in (0, 1):
         trainer.cfg.loader_workers = workers
@@ -108,12 +92,12 @@ def main() -> None:
     if not (args.lfw / "images").is_dir():
         raise SystemExit(f"{args.lfw}: LFW not found (the benchmark reads its faces)")
     logging.basicConfig(level=logging.WARNING)
-    peak = peak_gflops()
+    peak = matmul_peak_gflops()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, size in SETTINGS:
             rows.append(bench(name, size, args.batch, args.steps, args.lfw, Path(tmp)))
-    peak = max(peak, peak_gflops())  # measured before and after: the machine may be shared
+    peak = max(peak, matmul_peak_gflops())  # measured before and after: the machine may be shared
     print(
         f"\n{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, "
         f"peak float32 matmul {peak:.1f} GFLOP/s; images/s (batch {args.batch})\n"

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lfw_pretrained import pair_scores, trial_index
 
 from facelab import load_model
 from facelab.data.folders import IdentityFolder, Sample, split_images
@@ -68,14 +69,11 @@ def scores(
     model: FaceModel, trials: list[Trial], cache: str, mean: np.ndarray | None = None
 ) -> np.ndarray:
     """Cosine scores; with `mean`, of the embeddings centred on it (`distill.centred`)."""
-    unique = sorted({p for t in trials for p in (t.a, t.b)})
-    index = {p: i for i, p in enumerate(unique)}
+    unique, index = trial_index(trials)
     emb = cached_embeddings(model, unique, cache)
     if mean is not None:
         emb = centred(emb, mean)
-    a = emb[[index[t.a] for t in trials]]
-    b = emb[[index[t.b] for t in trials]]
-    return np.einsum("ij,ij->i", a, b)
+    return pair_scores(emb, index, trials, "cosine")
 
 
 def accuracy(
@@ -137,8 +135,8 @@ def main() -> None:
             "view2_unseen": accuracy(model, view2, args.cache, mean),
         }
 
-    speed_images = [read_image(p) for p in sorted({p for t in dev for p in (t.a, t.b)})]
-    speed_images = speed_images[: args.images]
+    dev_images, _ = trial_index(dev)
+    speed_images = [read_image(p) for p in dev_images[: args.images]]  # read only those timed
     fast = {spec: model.for_inference() for spec, model in models.items()}
     network = {spec: 0.0 for spec in models}
     pipeline = {spec: 0.0 for spec in models}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lfw_pretrained import pair_scores, trial_index
 
 from facelab import load_model
 from facelab.data.images import read_image
@@ -74,10 +75,7 @@ def main() -> None:
     trials = read_trials(args.pairs)
     if args.limit:
         trials = trials[:: max(1, len(trials) // args.limit)][: args.limit]
-    unique = sorted({p for t in trials for p in (t.a, t.b)})
-    index = {p: i for i, p in enumerate(unique)}
-    a = np.array([index[t.a] for t in trials])
-    b = np.array([index[t.b] for t in trials])
+    unique, index = trial_index(trials)
     labels = np.array([t.label for t in trials])
 
     torch_model = load_model("dlib_resnet")
@@ -106,7 +104,7 @@ def main() -> None:
     rows = []
     for name, emb in embeddings.items():
         cosine = np.einsum("ij,ij->i", emb, reference)
-        report = verification_report(np.einsum("ij,ij->i", emb[a], emb[b]), labels)
+        report = verification_report(pair_scores(emb, index, trials, "cosine"), labels)
         rows.append(
             {
                 "runtime": name,

@@ -40,19 +40,21 @@ from facelab.data.images import read_image
 from facelab.data.trials import read_trials
 from facelab.models.face_model import FaceModel
 from facelab.models.registry import DETECTORS
-from facelab.pipeline import embed_images
+from facelab.pipeline import Embedded, embed_images
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 matmul rate: the CPU's practical peak with this torch build and threads."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of `fn` takes."""
     tick = time.perf_counter()
     fn()
     return time.perf_counter() - tick
@@ -148,6 +150,18 @@ def main() -> None:
             runs.append({"total": 1000 * (time.perf_counter() - tick) / n})
         record("face_recognition.face_encodings", runs)
 
+    def record_facelab(label: str, runner: FaceModel, batch: int, detector: object) -> Embedded:
+        """Time facelab's pipeline on the images; returns the last run's result."""
+        runs = []
+        for _ in range(args.repeats):
+            tick = time.perf_counter()
+            out = embed_images(runner, images, batch_size=batch, detector=detector, progress=False)
+            total = time.perf_counter() - tick
+            stages = {k: 1000 * v / n for k, v in out.seconds.items() if k != "read"}
+            runs.append({**stages, "total": 1000 * total / n})
+        record(label, runs)
+        return out
+
     detector = DETECTORS.create("mtcnn")
     results = {}
     for alignment in args.alignment:
@@ -158,25 +172,13 @@ def main() -> None:
             (f"facelab {alignment}, batch 32 (eager)", model, 32),
             (f"facelab {alignment}, batch 32 (fast path)", fast, 32),
         ):
-            runs = []
-            for _ in range(args.repeats):
-                tick = time.perf_counter()
-                out = embed_images(
-                    runner, images, batch_size=batch, detector=detector, progress=False
-                )
-                total = time.perf_counter() - tick
-                stages = {k: 1000 * v / n for k, v in out.seconds.items() if k != "read"}
-                runs.append({**stages, "total": 1000 * total / n})
-            results[label] = out
-            record(label, runs)
-    small_faces = DETECTORS.create("mtcnn", min_face_size=20)
-    runs = []
-    for _ in range(args.repeats):
-        tick = time.perf_counter()
-        out = embed_images(fast, images, batch_size=32, detector=small_faces, progress=False)
-        stages = {k: 1000 * v / n for k, v in out.seconds.items() if k != "read"}
-        runs.append({**stages, "total": 1000 * (time.perf_counter() - tick) / n})
-    record(f"facelab {alignment}, batch 32 (fast path), MTCNN from 20 px faces", runs)
+            results[label] = record_facelab(label, runner, batch, detector)
+    record_facelab(
+        f"facelab {alignment}, batch 32 (fast path), MTCNN from 20 px faces",
+        fast,
+        32,
+        DETECTORS.create("mtcnn", min_face_size=20),
+    )
 
     if args.profile:
         with torch.profiler.profile() as prof:
@@ -204,12 +206,12 @@ def main() -> None:
         for name, fn in variants.items():
             fn(x)
             embed_only[name] = (
-                1000 * min(_timed(lambda f=fn: f(x)) for _ in range(args.repeats)) / 32
+                1000 * min(timed(lambda f=fn: f(x)) for _ in range(args.repeats)) / 32
             )
         for size in (1, 8, 16, 32, 64):
             xb = torch.randn(size, 3, spec.size, spec.size)
             fast.backbone(xb)
-            fastest = min(_timed(lambda b=xb: fast.backbone(b)) for _ in range(args.repeats))
+            fastest = min(timed(lambda b=xb: fast.backbone(b)) for _ in range(args.repeats))
             by_batch[size] = 1000 * fastest / size
 
     embed_flops = flops_of(lambda: model.backbone(x[:1]))

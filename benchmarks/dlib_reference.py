@@ -8,20 +8,17 @@ imports pkg_resources). Used only by benchmarks and tests, never by facelab itse
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
+
+from facelab.models.backbones.dlib_resnet import default_weights_path
 
 
 def model_file(name: str) -> str:
     """Path of a file shipped in face-recognition-models' `models/` folder."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("needs the face-recognition-models package (pip install it)")
-    return str(Path(spec.submodule_search_locations[0]) / "models" / name)
+    return str(default_weights_path(f"models/{name}"))
 
 
 @dataclass
@@ -34,7 +31,6 @@ class DlibPipeline:
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("detect", "landmarks", "descriptor"), 0.0)
     )
-    fallbacks: int = 0
     found: list[bool] = field(default_factory=list)  # per image: did HOG find a face
 
     def __post_init__(self) -> None:
@@ -54,11 +50,15 @@ class DlibPipeline:
         self.found.append(bool(rects))
         if rects:
             return max(rects, key=lambda r: r.area())
-        self.fallbacks += 1
         h, w = image.shape[:2]
         side = min(h, w) * self.fallback_fraction
         left, top = (w - side) / 2, (h - side) / 2
         return self.dlib.rectangle(round(left), round(top), round(left + side), round(top + side))
+
+    @property
+    def fallbacks(self) -> int:
+        """Images where HOG found no face and the central square stood in."""
+        return self.found.count(False)
 
     def landmarks(self, image: np.ndarray, rect) -> object:  # noqa: ANN001
         tick = time.perf_counter()

@@ -189,7 +189,10 @@ def main() -> None:
     pairs = args.lfw / ("pairsDevTest.txt" if args.check else "pairsDevTrain.txt")
     dlib_ref = DlibPipeline()
     found = faces(pair_images(pairs, args.limit), dlib_ref)
-    check(found, dlib_ref) if args.check else fit(found)
+    if args.check:
+        check(found, dlib_ref)
+    else:
+        fit(found)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_pipeline import dlib_resnet
 from dlib_reference import DlibPipeline
 
-from facelab import load_model
 from facelab.data.images import read_image
-from facelab.data.trials import read_trials
+from facelab.data.trials import Trial, read_trials
 from facelab.eval.metrics import verification_report
 from facelab.fileio import atomic_write_text
 from facelab.pipeline import embed_images
@@ -33,7 +33,17 @@ from facelab.pipeline import embed_images
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def pair_scores(emb: np.ndarray, index: dict, trials: list, metric: str) -> np.ndarray:
+def trial_index(trials: list[Trial]) -> tuple[list[Path], dict[Path, int]]:
+    """The distinct images of the trials (sorted) and each one's row in that list."""
+    unique = sorted({p for t in trials for p in (t.a, t.b)})
+    return unique, {p: i for i, p in enumerate(unique)}
+
+
+def pair_scores(
+    emb: np.ndarray, index: dict[Path, int], trials: list[Trial], metric: str
+) -> np.ndarray:
+    """Each trial's score from the rows of its two images: cosine (rows L2-normalised) or
+    minus the Euclidean distance."""
     a = emb[[index[t.a] for t in trials]]
     b = emb[[index[t.b] for t in trials]]
     if metric == "cosine":
@@ -73,8 +83,7 @@ def main() -> None:
     trials = read_trials(args.pairs)
     if args.limit:
         trials = trials[:: max(1, len(trials) // args.limit)][: args.limit]
-    unique = sorted({p for t in trials for p in (t.a, t.b)})
-    index = {p: i for i, p in enumerate(unique)}
+    unique, index = trial_index(trials)
     images = [read_image(p) for p in unique]
     labels = np.array([t.label for t in trials])
     folds = np.array([t.fold for t in trials]) if trials[0].fold is not None else None
@@ -82,10 +91,7 @@ def main() -> None:
 
     runs = []
     for alignment in args.alignment:
-        if alignment == "dlib_chip":
-            model = load_model("dlib_resnet_chip")
-        else:
-            model = load_model("dlib_resnet")
+        model = dlib_resnet(alignment)
         ours = embed_images(model.for_inference(), images, batch_size=args.batch_size)
         ms = {k: 1000 * v / n for k, v in ours.seconds.items() if k != "read"}
         ms["total"] = sum(ms.values())

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lfw_pretrained import pair_scores, trial_index
 
 from facelab.data.images import read_image
 from facelab.data.trials import read_trials
@@ -50,10 +51,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     trials = read_trials(args.pairs)
-    unique = sorted({p for t in trials for p in (t.a, t.b)})
-    index = {p: i for i, p in enumerate(unique)}
-    a = np.array([index[t.a] for t in trials])
-    b = np.array([index[t.b] for t in trials])
+    unique, index = trial_index(trials)
     labels = np.array([t.label for t in trials])
     images = [read_image(p) for p in unique]
 
@@ -63,7 +61,7 @@ def main() -> None:
             tick = time.perf_counter()
             vectors = grey_pixels(images, args.size, crop, flip)
             seconds = time.perf_counter() - tick
-            report = verification_report(np.einsum("ij,ij->i", vectors[a], vectors[b]), labels)
+            report = verification_report(pair_scores(vectors, index, trials, "cosine"), labels)
             rows.append(
                 {
                     "method": f"{args.size}x{args.size} grey pixels, crop {crop:g}"

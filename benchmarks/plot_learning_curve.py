@@ -24,7 +24,8 @@ def main() -> None:
     args = parser.parse_args()
 
     run = Path(args.run)
-    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("val_auc")]
+    with (run / "metrics.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("val_auc")]
     if not rows:
         raise SystemExit(f"{run}/metrics.csv has no epoch with val_auc")
     epochs = [int(r["epoch"]) for r in rows]

@@ -1,4 +1,5 @@
-"""Shared fixtures: the LFW copy beside the repository, and tiny synthetic identity folders."""
+"""Shared fixtures: the LFW copy beside the repository, tiny synthetic identity folders, one torch
+thread, and the dlib model files of the face-recognition-models package."""
 
 from __future__ import annotations
 
@@ -63,3 +64,19 @@ def single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def dlib_model_file(file: str) -> Path:
+    """`default_weights_path(file)` (a path inside the face-recognition-models package, such as
+    dlib_resnet.MODEL_FILE); skips the test when the package is not installed."""
+    from facelab.models.backbones.dlib_resnet import default_weights_path
+
+    try:
+        return default_weights_path(file)
+    except ModuleNotFoundError:
+        pytest.skip("face-recognition-models not installed (pip install face-recognition-models)")
+
+
+def dlib_points(shape) -> np.ndarray:  # noqa: ANN001
+    """A dlib full_object_detection's points as an (N, 2) float64 array."""
+    return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)

@@ -13,13 +13,7 @@ NAMES = ["resnet18", "resnet34", "mobilefacenet", "mobilenetv2", "shufflenetv2"]
 DIM = 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine is shared: one thread keeps timings predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _param_count(model: torch.nn.Module) -> int:

@@ -23,13 +23,9 @@ from facelab.train import TrainConfig, train
 NO_AUGMENT = {"flip": False, "crop_scale": [1.0, 1.0], "jitter": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The single-process run sums in the order of the single-threaded DDP processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread here too: the single-process run then sums in the order of the single-threaded
+# DDP processes.
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def config(data: Path, out: Path, loss: str, epochs: int) -> TrainConfig:

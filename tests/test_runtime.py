@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from facelab.runtime import set_threads, usable_cores
 
@@ -20,13 +19,9 @@ def test_cgroup_quota_caps_the_cores(tmp_path: Path) -> None:
     assert usable_cores(quota) == unlimited
 
 
+@pytest.mark.usefixtures("single_torch_thread")  # starts at 1 thread, restores the count after
 def test_omp_num_threads_wins(monkeypatch: pytest.MonkeyPatch) -> None:
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        monkeypatch.setenv("OMP_NUM_THREADS", "1")
-        assert set_threads() == 1
-        monkeypatch.delenv("OMP_NUM_THREADS")
-        assert set_threads() == usable_cores()
-    finally:
-        torch.set_num_threads(before)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert set_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert set_threads() == usable_cores()

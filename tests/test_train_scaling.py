@@ -20,12 +20,7 @@ from facelab.train.transfer import backbone_blocks, freeze_all_but_last
 QUIET = {"flip": True, "crop_scale": (0.9, 1.0), "jitter": 0.1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_shuffled_batches_depend_only_on_seed_and_epoch() -> None:
