@@ -46,7 +46,7 @@ from facelab.models.face_model import FaceModel
 from facelab.pipeline import embed_images
 from facelab.train.config import TrainConfig
 from facelab.train.distill import cached_embeddings, centred, teacher_targets
-from facelab.train.loop import people_in
+from facelab.train.loop import training_folder
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
 
@@ -57,11 +57,7 @@ def training_run(spec: str) -> tuple[TrainConfig, IdentityFolder, list[Sample]] 
     if not Path(spec).is_file():
         return None
     cfg = TrainConfig.from_dict(load_checkpoint(spec)["config"])
-    excluded = set().union(*(people_in(p) for p in cfg.exclude_people))
-    included = set().union(*(people_in(p) for p in cfg.include_people))
-    folder = IdentityFolder.scan(
-        cfg.data, cfg.min_images, include=included or None, exclude=excluded or None
-    )
+    folder = training_folder(cfg)
     return cfg, folder, split_images(folder.samples, cfg.val_fraction, cfg.seed)[0]
 
 
