@@ -12,13 +12,16 @@ from conftest import write_synthetic_folder
 
 import facelab.train.distill as distill
 from facelab.data.folders import Sample
+from facelab.models.backbones.dlib_resnet import identity_blocks
 from facelab.models.checkpoint import save_checkpoint
 from facelab.models.face_model import FaceModel
 from facelab.train import TrainConfig, Trainer, train
 from facelab.train.distill import (
     Distillation,
+    OnlineTeacher,
     cached_embeddings,
     centred,
+    distillation,
     distillation_loss,
     teacher_targets,
 )
@@ -77,6 +80,8 @@ def test_criterion_looks_up_targets_by_sample_index() -> None:
     index = torch.tensor([7, 2, 2, 5])
     assert plain(4.0 * targets[index], index).item() == pytest.approx(0, abs=1e-6)
     assert plain(targets[index.flip(0)], index).item() > 0.1
+    # an online teacher's targets for the batch replace the cached ones
+    assert plain(targets[index.flip(0)], index, targets[index.flip(0)]).item() < 1e-6
     assert plain.state_dict() == {}  # targets come back from the cache, not the checkpoint
 
     with_ids = Distillation(targets, labels, "cosine", build_criterion("softmax", 8, 3), 0.5)
@@ -166,3 +171,60 @@ def test_include_people_keeps_only_the_listed_identities(tmp_path: Path) -> None
     people.write_text("2\nperson_0\t4\nperson_2\t4\n")
     cfg = tiny_config(data, tmp_path / "run", include_people=[str(people)])
     assert Trainer(cfg).classes == ["person_0", "person_2"]
+
+
+def test_online_teacher_is_frozen_and_centred() -> None:
+    backbone = tiny_model().backbone
+    mean = 0.5 * F.normalize(torch.randn(8), dim=0)
+    teacher = OnlineTeacher(backbone, mean)
+    teacher.train()
+    assert not teacher.training and not teacher.backbone.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = centred(F.normalize(backbone(x), dim=1).numpy(), mean.numpy())
+    assert np.allclose(teacher(x).numpy(), expected, atol=1e-5)
+
+
+def test_the_teacher_runs_online_only_for_a_student_with_its_preprocessing(
+    tmp_path: Path,
+) -> None:
+    root = write_synthetic_folder(tmp_path / "ids", people=2, per_person=2, size=40)
+    samples = [Sample(p, 0) for p in sorted(root.rglob("*.jpg"))]
+    teacher_file = save_checkpoint(tmp_path / "teacher.pt", tiny_model())
+    cfg = TrainConfig(teacher=str(teacher_file), cache_dir=str(tmp_path / "cache"), workers=1)
+    identity = build_criterion("softmax", 8, 1)
+    cpu = torch.device("cpu")
+    _, index, online = distillation(cfg, identity, samples, tiny_model(seed=1), cpu)
+    assert isinstance(online, OnlineTeacher) and index.tolist() == [0, 1, 2, 3]
+    other = FaceModel.create("shufflenetv2", embedding_dim=8, input_size=40, width=0.5)
+    assert distillation(cfg, identity, samples, other, cpu)[2] is None
+
+
+def test_online_targets_follow_every_augmentation(tmp_path: Path) -> None:
+    """A student that starts as its teacher (dlib_resnet: no batch-norm, so training and
+    evaluation modes agree) has nothing to learn when the teacher embeds the very batches it
+    sees, however hard they are cropped, rotated, recoloured and cut-mixed."""
+    data = write_synthetic_folder(tmp_path / "ids", people=2, per_person=3, size=40)
+    torch.manual_seed(0)
+    teacher = FaceModel.create("dlib_resnet", width=0.25, drop=identity_blocks())
+    teacher_file = save_checkpoint(tmp_path / "teacher.pt", teacher)
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        init_from=str(teacher_file),
+        teacher=str(teacher_file),
+        centre_targets=False,
+        embedding_dim=128,
+        min_images=1,
+        val_fraction=0.0,
+        batch_size=3,
+        epochs=1,
+        lr=0.0,
+        augment={"crop_scale": [0.5, 1.0], "rotate": 15, "jitter": 0.4},
+        cutmix=1.0,
+        workers=1,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    result = train(cfg)
+    assert result.history[-1]["train_loss"] < 1e-5

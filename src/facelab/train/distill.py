@@ -1,11 +1,17 @@
 """Knowledge distillation: a fast student learns to reproduce a teacher's embeddings.
 
-The teacher (e.g. the imported dlib ResNet) embeds every training image once, with its own
-preprocessing (detection and five-point alignment through `facelab.pipeline.embed_images`);
-the result is cached on disk, keyed by the teacher's fingerprint and the image paths, so the
-epochs cost only the student. The student keeps its own (cheap, centre-crop) preprocessing and
-its embedding layer projects straight into the teacher's space (its `embedding_dim` is the
-teacher's).
+Two ways to get the targets, chosen by the student's preprocessing:
+- a student with its own preprocessing (e.g. a ShuffleNet on 112-pixel faces): the teacher
+  (e.g. the imported dlib ResNet) embeds every training image once, with its own preprocessing
+  (detection and alignment through `facelab.pipeline.embed_images`); the result is cached on
+  disk, keyed by the teacher's fingerprint and the image paths, so the epochs cost only the
+  student. Augmentation must then stay mild (flip): the targets belong to the clean images.
+- a student with the teacher's preprocessing (e.g. a narrow copy of the teacher, started from
+  its strongest channels): the teacher embeds every augmented training batch as the student
+  sees it (`OnlineTeacher`), so any augmentation, CutMix included, gets consistent targets and
+  each epoch shows new input/target pairs ("consistent teaching", Beyer et al. 2022).
+The student's embedding layer projects straight into the teacher's space (its
+`embedding_dim` is the teacher's).
 
 Centred targets (`centre_targets`, the default): dlib's embeddings of all faces share one
 dominant direction (their mean cosine to the mean embedding is 0.91 on LFW), so a student that
@@ -15,9 +21,9 @@ minus their mean over the training images, re-normalised: the student learns the
 tells faces apart (a fixed shift of the teacher's space, the same for every face).
 
 Batches of a distillation run carry training-sample indices instead of labels: `Distillation`
-looks up each sample's teacher embedding (and, when `identity_weight > 0`, its label for the
-identity loss). Labels are therefore optional: with `identity_weight: 0` the folder structure
-is never used, any set of face images will do.
+looks up each sample's cached teacher embedding (unless given the online teacher's) and, when
+`identity_weight > 0`, its label for the identity loss. Labels are therefore optional: with
+`identity_weight: 0` the folder structure is never used, any set of face images will do.
 """
 
 from __future__ import annotations
@@ -123,6 +129,26 @@ def centred(embeddings: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return (shifted / np.linalg.norm(shifted, axis=1, keepdims=True)).astype(np.float32)
 
 
+class OnlineTeacher(nn.Module):
+    """The teacher's network as a frozen target function: (N, 3, S, S) inputs -> unit
+    embeddings, centred on `mean` like the cached targets. Always in eval mode, never trained."""
+
+    def __init__(self, backbone: nn.Module, mean: torch.Tensor) -> None:
+        super().__init__()
+        self.backbone = backbone.eval()
+        for weight in backbone.parameters():
+            weight.requires_grad_(False)
+        self.register_buffer("mean", mean.float(), persistent=False)
+
+    def train(self, mode: bool = True) -> OnlineTeacher:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shifted = F.normalize(self.backbone(x).float(), dim=1) - self.mean
+        return F.normalize(shifted, dim=1)
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
     """Mean distance of raw student embeddings (N, D) to unit teacher embeddings (N, D).
 
@@ -175,8 +201,12 @@ class Distillation(nn.Module):
         """No triplet margin: the loop's collapse check looks only at embedding spread."""
         return None
 
-    def forward(self, features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        loss = distillation_loss(features, self.targets[index], self.kind)
+    def forward(
+        self, features: torch.Tensor, index: torch.Tensor, taught: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`taught`: the online teacher's targets for this very batch (else the cached ones)."""
+        target = self.targets[index] if taught is None else taught
+        loss = distillation_loss(features, target, self.kind)
         if self.identity is not None:
             loss = loss + self.identity_weight * self.identity(features, self.labels[index])
         return loss
@@ -186,28 +216,40 @@ class Distillation(nn.Module):
 
 
 def distillation(
-    cfg: TrainConfig, identity: Criterion, samples: Sequence[Sample], student_dim: int
-) -> tuple[Distillation, torch.Tensor]:
-    """The criterion of a run with `cfg.teacher`, and what its batches carry (sample indices).
+    cfg: TrainConfig,
+    identity: Criterion,
+    samples: Sequence[Sample],
+    student: FaceModel,
+    device: torch.device,
+) -> tuple[Distillation, torch.Tensor, OnlineTeacher | None]:
+    """The criterion of a run with `cfg.teacher`, what its batches carry (sample indices), and
+    the online teacher on `device` when the student shares the teacher's preprocessing (else
+    None; the teacher then runs as the traced, frozen `for_inference` copy).
 
     `identity` is the run's ordinary criterion (`cfg.loss`), kept when `identity_weight > 0`.
     """
     if cfg.teacher is None:
         raise ValueError("distillation needs cfg.teacher")
-    targets, _ = teacher_targets(cfg, load_teacher(cfg.teacher), samples)
-    if targets.shape[1] != student_dim:
+    teacher = load_teacher(cfg.teacher)
+    targets, mean = teacher_targets(cfg, teacher, samples)
+    if targets.shape[1] != student.embedding_dim:
         raise ValueError(
-            f"the student embeds in {student_dim} dimensions, the teacher {cfg.teacher} in "
-            f"{targets.shape[1]}: set embedding_dim: {targets.shape[1]} (the student's embedding "
-            "layer is then its projection into the teacher's space)"
+            f"the student embeds in {student.embedding_dim} dimensions, the teacher "
+            f"{cfg.teacher} in {targets.shape[1]}: set embedding_dim: {targets.shape[1]} (the "
+            "student's embedding layer is then its projection into the teacher's space)"
         )
+    online = None
+    if teacher.preprocess == student.preprocess:
+        fast = teacher.to(device).for_inference()
+        online = OnlineTeacher(fast.backbone, torch.from_numpy(mean)).to(device)
     log.info(
-        "distilling %s (%s loss, %s targets, identity weight %g) into %s",
+        "distilling %s (%s loss, %s targets %s, identity weight %g) into %s",
         cfg.teacher,
         cfg.distill_loss,
         "centred" if cfg.centre_targets else "raw",
+        "of every augmented batch" if online else "cached",
         cfg.identity_weight,
-        cfg.backbone,
+        student.name,
     )
     criterion = Distillation(
         torch.from_numpy(np.ascontiguousarray(targets)),
@@ -216,4 +258,4 @@ def distillation(
         identity,
         cfg.identity_weight,
     )
-    return criterion, torch.arange(len(samples))
+    return criterion, torch.arange(len(samples)), online

@@ -28,7 +28,7 @@ from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint, sa
 from facelab.train import distributed
 from facelab.train.batches import Batch, FaceBatches, batch_loader, decode_faces
 from facelab.train.config import TrainConfig
-from facelab.train.distill import distillation
+from facelab.train.distill import OnlineTeacher, distillation
 from facelab.train.losses import Criterion, FailureGuard, build_criterion, embedding_spread
 from facelab.train.sampler import IdentityBatches, ShuffledBatches
 from facelab.train.transfer import freeze_all_but_last, initial_model
@@ -109,12 +109,16 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 
 
 class LossNet(nn.Module):
-    """Backbone and criterion as one module, so DDP synchronises the gradients of both."""
+    """Backbone and criterion as one module, so DDP synchronises the gradients of both; with an
+    online teacher, its targets for the batch are handed to the criterion too."""
 
-    def __init__(self, backbone: nn.Module, criterion: Criterion) -> None:
+    def __init__(
+        self, backbone: nn.Module, criterion: Criterion, teacher: OnlineTeacher | None = None
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.criterion = criterion
+        self.teacher = teacher
 
     def forward(
         self,
@@ -125,9 +129,10 @@ class LossNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, raw embeddings); with CutMix partner labels, the area-weighted loss."""
         features = self.backbone(x)
-        loss = self.criterion(features, labels)
+        taught = () if self.teacher is None else (self.teacher(x),)
+        loss = self.criterion(features, labels, *taught)
         if partner is not None:
-            loss = lam * loss + (1 - lam) * self.criterion(features, partner)
+            loss = lam * loss + (1 - lam) * self.criterion(features, partner, *taught)
         return loss, features
 
 
@@ -175,10 +180,11 @@ class Trainer:
             cfg.center_loss,
         )
         targets = None  # what batches carry besides inputs: labels, or sample indices
+        teacher = None  # the online teacher of a distillation run, if any
         if cfg.teacher:  # the teacher's embeddings are cached by the first rank, read by the rest
             identity = self.criterion
-            self.criterion, targets = distributed.in_turn(
-                lambda: distillation(cfg, identity, self.train_samples, self.embedding_dim),
+            self.criterion, targets, teacher = distributed.in_turn(
+                lambda: distillation(cfg, identity, self.train_samples, self.model, self.device),
                 self.dist,
             )
         if self.dist.enabled:
@@ -225,7 +231,7 @@ class Trainer:
         self.use_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.guard = FailureGuard(cfg.collapse_steps, self.criterion.margin, self.use_amp, cfg.lr)
-        self.net: nn.Module = LossNet(self.model.backbone, self.criterion)
+        self.net: nn.Module = LossNet(self.model.backbone, self.criterion, teacher)
         if self.dist.enabled:
             self.net = DistributedDataParallel(
                 self.net,

@@ -3,7 +3,9 @@
 `init_from` names a registered backbone with pretrained weights (e.g. "dlib_resnet") or a
 facelab checkpoint; only the backbone is taken (a new head is built for the new identities)
 and it keeps its own preprocessing, so e.g. dlib_resnet still gets five-point aligned 150x150
-chips. `trainable_blocks: N` freezes all but the last N blocks (`backbone_blocks`).
+chips. A registered name is built with `backbone_options`: `{width: 0.5}` starts from the
+strongest half of dlib_resnet's channels (a distillation student). `trainable_blocks: N`
+freezes all but the last N blocks (`backbone_blocks`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def initial_model(cfg: TrainConfig) -> FaceModel:
     if Path(cfg.init_from).is_file():
         model = model_from_checkpoint(load_checkpoint(cfg.init_from))
     elif cfg.init_from in BACKBONES.names():
-        model = FaceModel.create(cfg.init_from, pretrained=True)
+        model = FaceModel.create(cfg.init_from, pretrained=True, **cfg.backbone_options)
     else:
         raise FileNotFoundError(
             f"init_from {cfg.init_from!r}: neither a checkpoint file nor a registered backbone "
@@ -58,7 +60,7 @@ def initial_model(cfg: TrainConfig) -> FaceModel:
         )
     log.info(
         "starting from %s (%s, %dx%d %s input); backbone/image_size/embedding_dim options are "
-        "not used",
+        "not used (backbone_options are, for a registered name)",
         cfg.init_from,
         model.name,
         model.preprocess.size,
