@@ -12,9 +12,10 @@ from conftest import write_synthetic_folder
 
 import facelab.train.distill as distill
 from facelab.data.folders import Sample
-from facelab.models.backbones.dlib_resnet import identity_blocks
+from facelab.models.backbones.dlib_resnet import DLIB_PREPROCESS
 from facelab.models.checkpoint import save_checkpoint
 from facelab.models.face_model import FaceModel
+from facelab.models.preprocess import Preprocess, resized
 from facelab.train import TrainConfig, Trainer, train
 from facelab.train.distill import (
     Distillation,
@@ -26,6 +27,7 @@ from facelab.train.distill import (
     teacher_targets,
 )
 from facelab.train.losses import build_criterion
+from facelab.train.transfer import training_preprocess
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -174,16 +176,31 @@ def test_include_people_keeps_only_the_listed_identities(tmp_path: Path) -> None
 
 
 def test_online_teacher_is_frozen_and_centred() -> None:
-    backbone = tiny_model().backbone
+    model = tiny_model()
     mean = 0.5 * F.normalize(torch.randn(8), dim=0)
-    teacher = OnlineTeacher(backbone, mean)
+    teacher = OnlineTeacher(model.backbone, mean, model.preprocess, student_size=24)
     teacher.train()
     assert not teacher.training and not teacher.backbone.training
     assert not any(p.requires_grad for p in teacher.parameters())
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        expected = centred(F.normalize(backbone(x), dim=1).numpy(), mean.numpy())
+        expected = centred(F.normalize(model.backbone(x), dim=1).numpy(), mean.numpy())
     assert np.allclose(teacher(x).numpy(), expected, atol=1e-5)
+    assert teacher.student_view(x).shape == (3, 3, 24, 24)
+    flat = torch.full((1, 3, 32, 32), 0.25)  # resizing keeps a flat face flat
+    assert torch.allclose(teacher.student_view(flat), torch.full((1, 3, 24, 24), 0.25))
+
+
+def test_resized_preprocessing_scales_the_template() -> None:
+    spec = DLIB_PREPROCESS
+    small = resized(spec, 75)
+    assert small.size == 75 and small.mean == spec.mean and small.alignment == spec.alignment
+    assert np.allclose(np.array(small.template) * 2, np.array(spec.template))
+    assert np.allclose(resized(small, 150).template, spec.template)
+    cfg = TrainConfig(teacher="dlib_resnet", alignment="teacher", image_size=112)
+    assert training_preprocess(cfg) == resized(spec, 112)
+    with pytest.raises(ValueError, match="needs a teacher"):
+        TrainConfig(alignment="teacher")
 
 
 def test_the_teacher_runs_online_only_for_a_student_with_its_preprocessing(
@@ -197,8 +214,19 @@ def test_the_teacher_runs_online_only_for_a_student_with_its_preprocessing(
     cpu = torch.device("cpu")
     _, index, online = distillation(cfg, identity, samples, tiny_model(seed=1), cpu)
     assert isinstance(online, OnlineTeacher) and index.tolist() == [0, 1, 2, 3]
-    other = FaceModel.create("shufflenetv2", embedding_dim=8, input_size=40, width=0.5)
-    assert distillation(cfg, identity, samples, other, cpu)[2] is None
+    other = FaceModel.create(
+        "shufflenetv2", Preprocess(crop=0.5), embedding_dim=8, input_size=32, width=0.5
+    )
+    assert distillation(cfg, identity, samples, other, cpu)[2] is None  # another crop
+    larger = FaceModel.create(
+        "shufflenetv2",
+        resized(tiny_model().preprocess, 48),
+        embedding_dim=8,
+        input_size=48,
+        width=0.5,
+    )
+    online = distillation(cfg, identity, samples, larger, cpu)[2]
+    assert online is not None and online.student_size == 48
 
 
 def test_online_targets_follow_every_augmentation(tmp_path: Path) -> None:
@@ -207,7 +235,7 @@ def test_online_targets_follow_every_augmentation(tmp_path: Path) -> None:
     sees, however hard they are cropped, rotated, recoloured and cut-mixed."""
     data = write_synthetic_folder(tmp_path / "ids", people=2, per_person=3, size=40)
     torch.manual_seed(0)
-    teacher = FaceModel.create("dlib_resnet", width=0.25, drop=identity_blocks())
+    teacher = FaceModel.create("dlib_resnet")
     teacher_file = save_checkpoint(tmp_path / "teacher.pt", teacher)
     cfg = TrainConfig(
         data=str(data),

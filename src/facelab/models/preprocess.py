@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -115,3 +115,13 @@ class Preprocess:
         """RGB uint8 image -> (3, size, size) network input."""
         face = self.crop_face(image, landmarks)
         return self.normalise(torch.from_numpy(np.ascontiguousarray(face)))[0]
+
+
+def resized(spec: Preprocess, size: int) -> Preprocess:
+    """The same preprocessing at another output size (a five-point template scaled with it): a
+    face cropped at one size and resized to the other is (up to resampling) the other's crop."""
+    scale = size / spec.size
+    template = spec.template
+    if template is not None:
+        template = tuple((x * scale, y * scale) for x, y in template)
+    return replace(spec, size=size, template=template)

@@ -42,7 +42,8 @@ class TrainConfig:
     crop: float = 0.6  # centre-crop fraction before resizing (0.6: LFW deep-funneled)
     # centre_crop, or five_point: MTCNN landmarks warped onto insightface's template (scaled to
     # image_size), detected once while the face cache is built; `crop` is then the fallback
-    # region where no face is found
+    # region where no face is found; or teacher: the teacher's own preprocessing scaled to
+    # image_size, so the teacher can embed every augmented batch online (`distill`)
     alignment: str = "centre_crop"
     min_images: int = 2  # identities with fewer images are left out
     exclude_people: list[str] = field(
@@ -102,8 +103,12 @@ class TrainConfig:
                 raise ValueError("cutmix mixes identities, which triplet losses cannot use")
         if self.trainable_blocks is not None and self.trainable_blocks < 0:
             raise ValueError(f"trainable_blocks must be >= 0, not {self.trainable_blocks}")
-        if self.alignment not in ("centre_crop", "five_point"):
-            raise ValueError(f"alignment must be centre_crop or five_point, not {self.alignment!r}")
+        if self.alignment not in ("centre_crop", "five_point", "teacher"):
+            raise ValueError(
+                f"alignment must be centre_crop, five_point or teacher, not {self.alignment!r}"
+            )
+        if self.alignment == "teacher" and not self.teacher:
+            raise ValueError("alignment: teacher needs a teacher")
         if self.distill_loss not in DISTILL_LOSSES:
             raise ValueError(
                 f"distill_loss must be one of {', '.join(DISTILL_LOSSES)}, "

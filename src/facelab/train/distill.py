@@ -6,10 +6,11 @@ Two ways to get the targets, chosen by the student's preprocessing:
   (detection and alignment through `facelab.pipeline.embed_images`); the result is cached on
   disk, keyed by the teacher's fingerprint and the image paths, so the epochs cost only the
   student. Augmentation must then stay mild (flip): the targets belong to the clean images.
-- a student with the teacher's preprocessing (e.g. a narrow copy of the teacher, started from
-  its strongest channels): the teacher embeds every augmented training batch as the student
-  sees it (`OnlineTeacher`), so any augmentation, CutMix included, gets consistent targets and
-  each epoch shows new input/target pairs ("consistent teaching", Beyer et al. 2022).
+- a student with the teacher's preprocessing, at any input size (`alignment: teacher`, e.g. a
+  ShuffleNet on dlib's template scaled to 112 pixels): training faces are cut at the teacher's
+  size, the teacher embeds every augmented batch and the student sees the same batch resized
+  (`OnlineTeacher`), so any augmentation, CutMix included, gets consistent targets and each
+  epoch shows new input/target pairs ("consistent teaching", Beyer et al. 2022).
 The student's embedding layer projects straight into the teacher's space (its
 `embedding_dim` is the teacher's).
 
@@ -42,6 +43,7 @@ from facelab.data.folders import Sample
 from facelab.fileio import atomic_write
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint
 from facelab.models.face_model import FaceModel
+from facelab.models.preprocess import Preprocess, resized
 from facelab.models.registry import BACKBONES
 from facelab.pipeline import FACE_SELECTION, embed_images
 from facelab.train.config import DISTILL_LOSSES, TrainConfig
@@ -62,6 +64,15 @@ def load_teacher(spec: str) -> FaceModel:
             f"({', '.join(BACKBONES.names())})"
         )
     return model.eval()
+
+
+def teacher_preprocess(spec: str) -> Preprocess:
+    """The preprocessing of a teacher (checkpoint file or registered name), without its weights."""
+    if Path(spec).is_file():
+        return Preprocess.from_dict(load_checkpoint(spec)["model"]["preprocess"])
+    if spec in BACKBONES.names() and BACKBONES.get(spec).preprocess is not None:
+        return BACKBONES.get(spec).preprocess
+    return load_teacher(spec).preprocess  # raises the error naming what is available
 
 
 def embedding_cache_file(model: FaceModel, paths: Sequence[Path], cache_dir: str | Path) -> Path:
@@ -131,10 +142,18 @@ def centred(embeddings: np.ndarray, mean: np.ndarray) -> np.ndarray:
 
 class OnlineTeacher(nn.Module):
     """The teacher's network as a frozen target function: (N, 3, S, S) inputs -> unit
-    embeddings, centred on `mean` like the cached targets. Always in eval mode, never trained."""
+    embeddings, centred on `mean` like the cached targets. Always in eval mode, never trained.
 
-    def __init__(self, backbone: nn.Module, mean: torch.Tensor) -> None:
+    Training batches are cut with the teacher's `preprocess`; `student_view` resizes them to
+    the student's input size (the rest of their preprocessing is the same).
+    """
+
+    def __init__(
+        self, backbone: nn.Module, mean: torch.Tensor, preprocess: Preprocess, student_size: int
+    ) -> None:
         super().__init__()
+        self.preprocess = preprocess
+        self.student_size = student_size
         self.backbone = backbone.eval()
         for weight in backbone.parameters():
             weight.requires_grad_(False)
@@ -142,6 +161,13 @@ class OnlineTeacher(nn.Module):
 
     def train(self, mode: bool = True) -> OnlineTeacher:
         return super().train(False)
+
+    def student_view(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher-sized inputs as the student takes them."""
+        if x.shape[-1] == self.student_size:
+            return x
+        size = (self.student_size, self.student_size)
+        return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,8 +249,9 @@ def distillation(
     device: torch.device,
 ) -> tuple[Distillation, torch.Tensor, OnlineTeacher | None]:
     """The criterion of a run with `cfg.teacher`, what its batches carry (sample indices), and
-    the online teacher on `device` when the student shares the teacher's preprocessing (else
-    None; the teacher then runs as the traced, frozen `for_inference` copy).
+    the online teacher on `device` when the student shares the teacher's preprocessing up to
+    its size (`alignment: teacher`; else None). The online teacher runs as the traced, frozen
+    `for_inference` copy.
 
     `identity` is the run's ordinary criterion (`cfg.loss`), kept when `identity_weight > 0`.
     """
@@ -239,9 +266,11 @@ def distillation(
             "student's embedding layer is then its projection into the teacher's space)"
         )
     online = None
-    if teacher.preprocess == student.preprocess:
+    if student.preprocess == resized(teacher.preprocess, student.preprocess.size):
         fast = teacher.to(device).for_inference()
-        online = OnlineTeacher(fast.backbone, torch.from_numpy(mean)).to(device)
+        online = OnlineTeacher(
+            fast.backbone, torch.from_numpy(mean), teacher.preprocess, student.preprocess.size
+        ).to(device)
     log.info(
         "distilling %s (%s loss, %s targets %s, identity weight %g) into %s",
         cfg.teacher,

