@@ -101,5 +101,5 @@ def test_five_point_alignment_scales_insightface_template() -> None:
     assert spec.alignment == "five_point" and spec.size == 56
     assert spec.template == tuple((x / 2, y / 2) for x, y in ARCFACE_TEMPLATE_112)
     assert training_preprocess(TrainConfig(image_size=56)).alignment == "centre_crop"
-    with pytest.raises(ValueError, match="alignment must be centre_crop or five_point"):
+    with pytest.raises(ValueError, match="alignment must be centre_crop, five_point or teacher"):
         TrainConfig(alignment="dlib_chip")
