@@ -45,7 +45,7 @@ from facelab.models.checkpoint import load_checkpoint
 from facelab.models.face_model import FaceModel
 from facelab.pipeline import embed_images
 from facelab.train.config import TrainConfig
-from facelab.train.distill import cached_embeddings, centred, teacher_targets
+from facelab.train.distill import cached_embeddings, centred, teacher_targets, teaches_online
 from facelab.train.loop import training_folder
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
@@ -119,7 +119,8 @@ def main() -> None:
     scored: dict[str, tuple[str, np.ndarray | None]] = {spec: (spec, None) for spec in models}
     for spec, run in runs.items():
         if run and run[0].teacher == first and run[0].centre_targets:
-            _, mean = teacher_targets(run[0], models[first], run[2])
+            online = teaches_online(models[first], models[spec])
+            _, mean = teacher_targets(run[0], models[first], run[2], online)
             scored[f"{first}, centred as {spec}'s targets"] = (first, mean)
     rows = {}
     for label, (spec, mean) in scored.items():

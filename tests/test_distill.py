@@ -145,8 +145,12 @@ def test_teacher_targets_centre_on_the_training_mean(tmp_path: Path) -> None:
 
 
 def test_a_tiny_distillation_run(tmp_path: Path) -> None:
+    """Cached targets: the teacher crops its faces otherwise than the student."""
     data = write_synthetic_folder(tmp_path / "ids", people=3, per_person=4, size=40)
-    teacher_file = save_checkpoint(tmp_path / "teacher.pt", tiny_model())
+    teacher = FaceModel.create(
+        "shufflenetv2", Preprocess(crop=0.5), embedding_dim=8, input_size=32, width=0.5
+    )
+    teacher_file = save_checkpoint(tmp_path / "teacher.pt", teacher)
     cfg = tiny_config(
         data,
         tmp_path / "run",

@@ -38,11 +38,6 @@ ARCFACE_TEMPLATE_112 = (
 )
 
 
-def arcface_template(size: int) -> tuple[tuple[float, float], ...]:
-    """insightface's 112-pixel template scaled to a size x size input."""
-    return tuple((x * size / 112, y * size / 112) for x, y in ARCFACE_TEMPLATE_112)
-
-
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (scale, rotation, translation; no reflection) taking src to dst.
 

@@ -46,6 +46,7 @@ from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import Preprocess, resized
 from facelab.models.registry import BACKBONES
 from facelab.pipeline import FACE_SELECTION, embed_images
+from facelab.train.batches import decode_faces
 from facelab.train.config import DISTILL_LOSSES, TrainConfig
 from facelab.train.losses import Criterion
 
@@ -67,12 +68,11 @@ def load_teacher(spec: str) -> FaceModel:
 
 
 def teacher_preprocess(spec: str) -> Preprocess:
-    """The preprocessing of a teacher (checkpoint file or registered name), without its weights."""
-    if Path(spec).is_file():
-        return Preprocess.from_dict(load_checkpoint(spec)["model"]["preprocess"])
-    if spec in BACKBONES.names() and BACKBONES.get(spec).preprocess is not None:
-        return BACKBONES.get(spec).preprocess
-    return load_teacher(spec).preprocess  # raises the error naming what is available
+    """The preprocessing of a teacher (`load_teacher`'s spec); a registered name's without
+    reading its pretrained weights."""
+    if spec in BACKBONES.names() and not Path(spec).is_file():
+        return FaceModel.create(spec).preprocess
+    return load_teacher(spec).preprocess
 
 
 def embedding_cache_file(model: FaceModel, paths: Sequence[Path], cache_dir: str | Path) -> Path:
@@ -123,12 +123,35 @@ def cached_embeddings(
     return embeddings
 
 
+def teaches_online(teacher: FaceModel, student: FaceModel) -> bool:
+    """Whether the student shares the teacher's preprocessing up to its size, so the teacher
+    can embed every training batch as the student sees it (`OnlineTeacher`)."""
+    return student.preprocess == resized(teacher.preprocess, student.preprocess.size)
+
+
 def teacher_targets(
-    cfg: TrainConfig, teacher: FaceModel, samples: Sequence[Sample]
+    cfg: TrainConfig, teacher: FaceModel, samples: Sequence[Sample], online: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """(targets (N, D), mean (D,)): the teacher's unit embeddings of the training samples, minus
-    their mean and re-normalised when `cfg.centre_targets` (else the mean is zero)."""
-    embeddings = cached_embeddings(teacher, [s.path for s in samples], cfg.cache_dir, cfg.workers)
+    their mean and re-normalised when `cfg.centre_targets` (else the mean is zero).
+
+    online: the samples are embedded as the training faces the online teacher will see (cut
+    once into the decoded-face cache, which training then reads), not through the pipeline,
+    which would detect every face a second time.
+    """
+    paths = [s.path for s in samples]
+    if online:
+        faces = decode_faces(paths, teacher.preprocess, cfg.cache_dir, cfg.workers)
+        embeddings = np.concatenate(
+            [
+                teacher.embed_tensors(
+                    teacher.preprocess.normalise(torch.from_numpy(np.ascontiguousarray(chunk)))
+                )
+                for chunk in np.array_split(faces, max(1, len(faces) // 256))
+            ]
+        )
+    else:
+        embeddings = cached_embeddings(teacher, paths, cfg.cache_dir, cfg.workers)
     mean = embeddings.mean(0) if cfg.centre_targets else np.zeros(embeddings.shape[1], np.float32)
     return centred(embeddings, mean), mean
 
@@ -257,8 +280,10 @@ def distillation(
     """
     if cfg.teacher is None:
         raise ValueError("distillation needs cfg.teacher")
-    teacher = load_teacher(cfg.teacher)
-    targets, mean = teacher_targets(cfg, teacher, samples)
+    teacher = load_teacher(cfg.teacher).to(device)
+    fast = teacher.for_inference()
+    teaches = teaches_online(teacher, student)
+    targets, mean = teacher_targets(cfg, fast, samples, teaches)
     if targets.shape[1] != student.embedding_dim:
         raise ValueError(
             f"the student embeds in {student.embedding_dim} dimensions, the teacher "
@@ -266,8 +291,7 @@ def distillation(
             "student's embedding layer is then its projection into the teacher's space)"
         )
     online = None
-    if student.preprocess == resized(teacher.preprocess, student.preprocess.size):
-        fast = teacher.to(device).for_inference()
+    if teaches:
         online = OnlineTeacher(
             fast.backbone, torch.from_numpy(mean), teacher.preprocess, student.preprocess.size
         ).to(device)

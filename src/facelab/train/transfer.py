@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from facelab.data.align import arcface_template
+from facelab.data.align import ARCFACE_TEMPLATE_112
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint
 from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import Preprocess, resized
@@ -31,12 +31,8 @@ def training_preprocess(cfg: TrainConfig) -> Preprocess:
     if cfg.alignment == "teacher":
         return resized(teacher_preprocess(str(cfg.teacher)), cfg.image_size)
     if cfg.alignment == "five_point":
-        return Preprocess(
-            size=cfg.image_size,
-            crop=cfg.crop,
-            alignment="five_point",
-            template=arcface_template(cfg.image_size),
-        )
+        arcface = Preprocess(crop=cfg.crop, alignment="five_point", template=ARCFACE_TEMPLATE_112)
+        return resized(arcface, cfg.image_size)
     return Preprocess(size=cfg.image_size, crop=cfg.crop)
 
 
