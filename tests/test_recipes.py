@@ -10,6 +10,7 @@ import pytest
 
 from facelab.cli import main
 from facelab.recipes import smoke_config, smoke_overrides_path
+from facelab.train import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # The course recipes; other configs/ files are experiments with their own documented commands.
@@ -21,6 +22,12 @@ COURSE_RECIPES = (
     "oneshot_inception",
 )
 RECIPES = [CONFIGS / f"{name}.yaml" for name in COURSE_RECIPES]
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_is_a_valid_training_configuration(config: Path) -> None:
+    cfg = TrainConfig.from_yaml(config)  # unknown or invalid options raise
+    assert cfg.data and cfg.out.startswith("runs/"), config
 
 
 def test_every_recipe_has_a_documented_header_and_a_smoke_run() -> None:
