@@ -119,7 +119,7 @@ def main() -> None:
     scored: dict[str, tuple[str, np.ndarray | None]] = {spec: (spec, None) for spec in models}
     for spec, run in runs.items():
         if run and run[0].teacher == first and run[0].centre_targets:
-            online = teaches_online(models[first], models[spec])
+            online = teaches_online(models[first].preprocess, models[spec].preprocess)
             _, mean = teacher_targets(run[0], models[first], run[2], online)
             scored[f"{first}, centred as {spec}'s targets"] = (first, mean)
     rows = {}

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from conftest import write_synthetic_folder
 
+import facelab.train.batches as batches
 import facelab.train.distill as distill
+import facelab.train.loop as loop
 from facelab.data.folders import Sample
 from facelab.models.backbones.dlib_resnet import DLIB_PREPROCESS
 from facelab.models.checkpoint import save_checkpoint
@@ -182,7 +184,7 @@ def test_include_people_keeps_only_the_listed_identities(tmp_path: Path) -> None
 def test_online_teacher_is_frozen_and_centred() -> None:
     model = tiny_model()
     mean = 0.5 * F.normalize(torch.randn(8), dim=0)
-    teacher = OnlineTeacher(model.backbone, mean, model.preprocess, student_size=24)
+    teacher = OnlineTeacher(model.backbone, mean, student_size=24)
     teacher.train()
     assert not teacher.training and not teacher.backbone.training
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -260,3 +262,29 @@ def test_online_targets_follow_every_augmentation(tmp_path: Path) -> None:
     )
     result = train(cfg)
     assert result.history[-1]["train_loss"] < 1e-5
+
+
+def test_an_online_run_decodes_its_training_faces_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a face cache, the teacher's targets reuse the faces training decoded."""
+    decoded: list[int] = []
+
+    def counting(paths: list[Path], spec: Preprocess, *args: object, **kwargs: object) -> object:
+        decoded.append(len(paths))
+        return batches.decode_faces(paths, spec, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "decode_faces", counting)
+    monkeypatch.setattr(distill, "decode_faces", counting)
+    data = write_synthetic_folder(tmp_path / "ids", people=2, per_person=2, size=40)
+    teacher_file = save_checkpoint(tmp_path / "teacher.pt", tiny_model())
+    cfg = tiny_config(
+        data,
+        tmp_path / "run",
+        init_from=str(teacher_file),
+        teacher=str(teacher_file),
+        min_images=1,
+        val_fraction=0.0,
+    )
+    trainer = Trainer(cfg)
+    assert trainer.net.teacher is not None and decoded == [4]

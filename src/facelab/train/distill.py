@@ -123,25 +123,31 @@ def cached_embeddings(
     return embeddings
 
 
-def teaches_online(teacher: FaceModel, student: FaceModel) -> bool:
-    """Whether the student shares the teacher's preprocessing up to its size, so the teacher
-    can embed every training batch as the student sees it (`OnlineTeacher`)."""
-    return student.preprocess == resized(teacher.preprocess, student.preprocess.size)
+def teaches_online(teacher: Preprocess, student: Preprocess) -> bool:
+    """Whether the student's preprocessing is the teacher's up to its size, so the teacher can
+    embed every training batch as the student sees it (`OnlineTeacher`)."""
+    return student == resized(teacher, student.size)
 
 
 def teacher_targets(
-    cfg: TrainConfig, teacher: FaceModel, samples: Sequence[Sample], online: bool = False
+    cfg: TrainConfig,
+    teacher: FaceModel,
+    samples: Sequence[Sample],
+    online: bool = False,
+    faces: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(targets (N, D), mean (D,)): the teacher's unit embeddings of the training samples, minus
     their mean and re-normalised when `cfg.centre_targets` (else the mean is zero).
 
     online: the samples are embedded as the training faces the online teacher will see (cut
     once into the decoded-face cache, which training then reads), not through the pipeline,
-    which would detect every face a second time.
+    which would detect every face a second time. `faces`: those faces, if the caller has
+    them already (else they are decoded, or read from the cache).
     """
     paths = [s.path for s in samples]
     if online:
-        faces = decode_faces(paths, teacher.preprocess, cfg.cache_dir, cfg.workers)
+        if faces is None:
+            faces = decode_faces(paths, teacher.preprocess, cfg.cache_dir, cfg.workers)
         embeddings = np.concatenate(
             [
                 # a copy of each chunk: the cache is a read-only memory map
@@ -168,15 +174,12 @@ class OnlineTeacher(nn.Module):
     """The teacher's network as a frozen target function: (N, 3, S, S) inputs -> unit
     embeddings, centred on `mean` like the cached targets. Always in eval mode, never trained.
 
-    Training batches are cut with the teacher's `preprocess`; `student_view` resizes them to
+    Training batches are cut with the teacher's preprocessing; `student_view` resizes them to
     the student's input size (the rest of their preprocessing is the same).
     """
 
-    def __init__(
-        self, backbone: nn.Module, mean: torch.Tensor, preprocess: Preprocess, student_size: int
-    ) -> None:
+    def __init__(self, backbone: nn.Module, mean: torch.Tensor, student_size: int) -> None:
         super().__init__()
-        self.preprocess = preprocess
         self.student_size = student_size
         self.backbone = backbone.eval()
         for weight in backbone.parameters():
@@ -271,20 +274,23 @@ def distillation(
     samples: Sequence[Sample],
     student: FaceModel,
     device: torch.device,
+    faces: np.ndarray | None = None,
 ) -> tuple[Distillation, torch.Tensor, OnlineTeacher | None]:
     """The criterion of a run with `cfg.teacher`, what its batches carry (sample indices), and
     the online teacher on `device` when the student shares the teacher's preprocessing up to
     its size (`alignment: teacher`; else None). The online teacher runs as the traced, frozen
     `for_inference` copy.
 
-    `identity` is the run's ordinary criterion (`cfg.loss`), kept when `identity_weight > 0`.
+    `identity` is the run's ordinary criterion (`cfg.loss`), kept when `identity_weight > 0`;
+    `faces`: the samples as the teacher's preprocessing cuts them, if the caller has decoded
+    them already (`teacher_targets`).
     """
     if cfg.teacher is None:
         raise ValueError("distillation needs cfg.teacher")
     teacher = load_teacher(cfg.teacher).to(device)
     fast = teacher.for_inference()
-    teaches = teaches_online(teacher, student)
-    targets, mean = teacher_targets(cfg, fast, samples, teaches)
+    teaches = teaches_online(teacher.preprocess, student.preprocess)
+    targets, mean = teacher_targets(cfg, fast, samples, teaches, faces)
     if targets.shape[1] != student.embedding_dim:
         raise ValueError(
             f"the student embeds in {student.embedding_dim} dimensions, the teacher "
@@ -293,9 +299,9 @@ def distillation(
         )
     online = None
     if teaches:
-        online = OnlineTeacher(
-            fast.backbone, torch.from_numpy(mean), teacher.preprocess, student.preprocess.size
-        ).to(device)
+        online = OnlineTeacher(fast.backbone, torch.from_numpy(mean), student.preprocess.size).to(
+            device
+        )
     log.info(
         "distilling %s (%s loss, %s targets %s, identity weight %g) into %s",
         cfg.teacher,

@@ -29,7 +29,12 @@ from facelab.models.preprocess import Preprocess
 from facelab.train import distributed
 from facelab.train.batches import Batch, FaceBatches, batch_loader, decode_faces
 from facelab.train.config import TrainConfig
-from facelab.train.distill import OnlineTeacher, distillation
+from facelab.train.distill import (
+    OnlineTeacher,
+    distillation,
+    teacher_preprocess,
+    teaches_online,
+)
 from facelab.train.losses import Criterion, FailureGuard, build_criterion, embedding_spread
 from facelab.train.sampler import IdentityBatches, ShuffledBatches
 from facelab.train.transfer import freeze_all_but_last, initial_model
@@ -183,12 +188,27 @@ class Trainer:
             cfg.head_options,
             cfg.center_loss,
         )
+        # an online teacher sees the training faces at its own size, the student them resized
+        spec = self.model.preprocess
+        online = False  # whether the teacher embeds every training batch
+        if cfg.teacher:
+            teacher_spec = teacher_preprocess(cfg.teacher)
+            online = teaches_online(teacher_spec, spec)
+            spec = teacher_spec if online else spec
+        train_faces = self._faces(self.train_samples, spec)
         targets = None  # what batches carry besides inputs: labels, or sample indices
         teacher = None  # the online teacher of a distillation run, if any
         if cfg.teacher:  # the teacher's embeddings are cached by the first rank, read by the rest
             identity = self.criterion
             self.criterion, targets, teacher = distributed.in_turn(
-                lambda: distillation(cfg, identity, self.train_samples, self.model, self.device),
+                lambda: distillation(
+                    cfg,
+                    identity,
+                    self.train_samples,
+                    self.model,
+                    self.device,
+                    train_faces if online else None,
+                ),
                 self.dist,
             )
         if self.dist.enabled:
@@ -198,9 +218,6 @@ class Trainer:
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
 
-        # an online teacher sees the training faces at its own size, the student them resized
-        spec = self.model.preprocess if teacher is None else teacher.preprocess
-        train_faces = self._faces(self.train_samples, spec)
         train_labels = torch.tensor([s.label for s in self.train_samples])
         augment = Augment(**cfg.augment)
         self.train_batches = FaceBatches(
