@@ -288,3 +288,14 @@ def test_an_online_run_decodes_its_training_faces_once(
     )
     trainer = Trainer(cfg)
     assert trainer.net.teacher is not None and decoded == [4]
+
+
+@pytest.mark.filterwarnings("error:The given NumPy array is not writable")
+def test_validation_reads_the_read_only_face_cache(tmp_path: Path) -> None:
+    """Cached faces are a read-only memory map; validation copies them rather than hand torch
+    an array it warns about (torch warns once per process: run alone, this fails without it)."""
+    data = write_synthetic_folder(tmp_path / "ids", people=3, per_person=4, size=40)
+    cfg = tiny_config(data, tmp_path / "run", val_fraction=0.25, cache_dir=str(tmp_path / "c"))
+    result = train(cfg)
+    assert len(list((tmp_path / "c").glob("faces-*.npy"))) == 2  # training and validation faces
+    assert 0.0 <= result.history[-1]["val_top1"] <= 1.0
