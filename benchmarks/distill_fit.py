@@ -1,0 +1,80 @@
+"""How closely a distilled student reproduces its teacher on faces it trained on and on unseen ones.
+
+    python benchmarks/distill_fit.py runs/lfw_student_online_stage3/last.pt [--faces 600]
+
+For an online-teacher student (`alignment: teacher`): `--faces` random training faces of the
+checkpoint's run and as many `pairsDevTest.txt` faces are cut as the teacher cuts them (MTCNN,
+dlib's template, 150 px), embedded by the teacher (centred on the run's training mean, as its
+targets were) and, resized to the student's size as in training, by the student. The mean
+student-teacher cosine on training faces measures fit; the drop to unseen faces, generalisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from bench_distill import LFW, training_run
+
+from facelab import load_model
+from facelab.data.trials import read_trials, trial_people
+from facelab.models.face_model import FaceModel
+from facelab.train.batches import decode_faces
+from facelab.train.distill import OnlineTeacher, teacher_targets
+
+
+def agreement(teacher: OnlineTeacher, student: FaceModel, x: torch.Tensor) -> np.ndarray:
+    """Per face (teacher inputs `x`): cosine of the student's embedding to the teacher's
+    centred one."""
+    cos = []
+    with torch.no_grad():
+        for start in range(0, len(x), 64):
+            teacher_input = x[start : start + 64]
+            taught = teacher(teacher_input)
+            learnt = student.backbone(teacher.student_view(teacher_input)).float()
+            cos.append(F.cosine_similarity(learnt, taught, dim=1))
+    return torch.cat(cos).numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("student", help="checkpoint of an online-teacher distillation run")
+    parser.add_argument("--dev-pairs", default=str(LFW / "pairsDevTest.txt"))
+    parser.add_argument("--faces", type=int, default=600, help="faces of each kind")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(2)
+
+    run = training_run(args.student)
+    if run is None or run[0].teacher is None or run[0].alignment != "teacher":
+        raise SystemExit(f"{args.student}: not a checkpoint of an online-teacher run")
+    cfg, _, samples = run
+    teacher, student = load_model(cfg.teacher), load_model(args.student)
+    _, mean = teacher_targets(cfg, teacher, samples, online=True)
+    online = OnlineTeacher(teacher.backbone, torch.from_numpy(mean), student.preprocess.size)
+    student.eval()
+
+    dev = read_trials(args.dev_pairs)
+    unseen = sorted({p for t in dev for p in (t.a, t.b)})
+    if trial_people(dev) & {s.path.parent.name for s in samples}:
+        raise SystemExit(f"{args.dev_pairs}: its people are in the run's training images")
+    rng = random.Random(0)
+    kinds = {
+        "training faces": rng.sample([s.path for s in samples], args.faces),
+        "pairsDevTest faces (unseen people)": rng.sample(unseen, min(args.faces, len(unseen))),
+    }
+    print(f"{args.student}: student-teacher cosine (centred teacher targets)")
+    print("| faces | n | mean | median | 10th percentile |\n|---|---|---|---|---|")
+    for kind, paths in kinds.items():
+        faces = decode_faces(paths, teacher.preprocess, cache_dir=None, workers=2)
+        cos = agreement(online, student, teacher.preprocess.normalise(torch.from_numpy(faces)))
+        q10, median = np.quantile(cos, [0.1, 0.5])
+        print(f"| {kind} | {len(cos)} | {cos.mean():.3f} | {median:.3f} | {q10:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
