@@ -3,10 +3,11 @@
     python benchmarks/distill_fit.py runs/lfw_student_online_stage3/last.pt [--faces 600]
 
 For an online-teacher student (`alignment: teacher`): `--faces` random training faces of the
-checkpoint's run and as many `pairsDevTest.txt` faces are cut as the teacher cuts them (MTCNN,
-dlib's template, 150 px), embedded by the teacher (centred on the run's training mean, as its
-targets were) and, resized to the student's size as in training, by the student. The mean
-student-teacher cosine on training faces measures fit; the drop to unseen faces, generalisation.
+checkpoint's run (read from its decoded-face cache) and as many `pairsDevTest.txt` faces are
+cut as the teacher cuts them (MTCNN, dlib's template, 150 px), embedded by the teacher
+(centred on the run's training mean, as its targets were) and, resized to the student's size
+as in training, by the student. The mean student-teacher cosine on training faces measures
+fit; the drop to unseen faces, generalisation.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from facelab import load_model
 from facelab.data.trials import read_trials, trial_people
 from facelab.models.face_model import FaceModel
 from facelab.train.batches import decode_faces
-from facelab.train.distill import OnlineTeacher, teacher_targets
+from facelab.train.distill import OnlineTeacher, load_teacher, teacher_targets
 
 
 def agreement(teacher: OnlineTeacher, student: FaceModel, x: torch.Tensor) -> np.ndarray:
@@ -53,25 +54,30 @@ def main() -> None:
     if run is None or run[0].teacher is None or run[0].alignment != "teacher":
         raise SystemExit(f"{args.student}: not a checkpoint of an online-teacher run")
     cfg, _, samples = run
-    teacher, student = load_model(cfg.teacher), load_model(args.student)
-    _, mean = teacher_targets(cfg, teacher, samples, online=True)
+    teacher, student = load_teacher(cfg.teacher), load_model(args.student)
+    paths = [s.path for s in samples]
+    trained_on = decode_faces(paths, teacher.preprocess, cfg.cache_dir, cfg.workers)
+    _, mean = teacher_targets(cfg, teacher, samples, online=True, faces=trained_on)
     online = OnlineTeacher(teacher.backbone, torch.from_numpy(mean), student.preprocess.size)
-    student.eval()
 
     dev = read_trials(args.dev_pairs)
     unseen = sorted({p for t in dev for p in (t.a, t.b)})
     if trial_people(dev) & {s.path.parent.name for s in samples}:
         raise SystemExit(f"{args.dev_pairs}: its people are in the run's training images")
     rng = random.Random(0)
+    row = {path: i for i, path in enumerate(paths)}
+    trained = [row[p] for p in rng.sample(paths, args.faces)]
+    tested = rng.sample(unseen, min(args.faces, len(unseen)))
     kinds = {
-        "training faces": rng.sample([s.path for s in samples], args.faces),
-        "pairsDevTest faces (unseen people)": rng.sample(unseen, min(args.faces, len(unseen))),
+        "training faces": trained_on[trained],
+        "pairsDevTest faces (unseen people)": decode_faces(
+            tested, teacher.preprocess, cache_dir=None, workers=cfg.workers
+        ),
     }
     print(f"{args.student}: student-teacher cosine (centred teacher targets)")
     print("| faces | n | mean | median | 10th percentile |\n|---|---|---|---|---|")
-    for kind, paths in kinds.items():
-        faces = decode_faces(paths, teacher.preprocess, cache_dir=None, workers=2)
-        cos = agreement(online, student, teacher.preprocess.normalise(torch.from_numpy(faces)))
+    for kind, faces in kinds.items():
+        cos = agreement(online, student, teacher.preprocess.normalise(faces))
         q10, median = np.quantile(cos, [0.1, 0.5])
         print(f"| {kind} | {len(cos)} | {cos.mean():.3f} | {median:.3f} | {q10:.3f} |")
 

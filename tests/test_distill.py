@@ -292,8 +292,9 @@ def test_an_online_run_decodes_its_training_faces_once(
 
 @pytest.mark.filterwarnings("error:The given NumPy array is not writable")
 def test_validation_reads_the_read_only_face_cache(tmp_path: Path) -> None:
-    """Cached faces are a read-only memory map; validation copies them rather than hand torch
-    an array it warns about (torch warns once per process: run alone, this fails without it)."""
+    """Cached faces are a read-only memory map; `Preprocess.normalise` copies them rather than
+    hand torch an array it warns about (torch warns once per process: run alone, this fails
+    without the copy)."""
     data = write_synthetic_folder(tmp_path / "ids", people=3, per_person=4, size=40)
     cfg = tiny_config(data, tmp_path / "run", val_fraction=0.25, cache_dir=str(tmp_path / "c"))
     result = train(cfg)

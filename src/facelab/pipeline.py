@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from facelab.data.images import read_image
@@ -146,7 +145,7 @@ def embed_images(
                 seconds["detect"] += time.perf_counter() - tick
             tick = time.perf_counter()
             faces = list(pool.map(spec.crop_face, images, marks))
-            inputs = spec.normalise(torch.from_numpy(np.stack(faces)))
+            inputs = spec.normalise(np.stack(faces))
             seconds["align"] += time.perf_counter() - tick
             tick = time.perf_counter()
             chunks.append(model.embed_tensors(inputs, flip=flip, batch_size=batch_size))

@@ -100,8 +100,13 @@ class Preprocess:
         face = Image.fromarray(image[top : top + side, left : left + side])
         return np.array(face.resize((self.size, self.size), Image.BILINEAR))
 
-    def normalise(self, faces: torch.Tensor) -> torch.Tensor:
-        """uint8 RGB (N, size, size, 3) or (size, size, 3) -> float (N, 3, size, size) input."""
+    def normalise(self, faces: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 RGB (N, size, size, 3) or (size, size, 3) -> float (N, 3, size, size) input.
+
+        A NumPy array that torch cannot share (the face cache's read-only memory map, a strided
+        view) is copied first."""
+        if isinstance(faces, np.ndarray):
+            faces = torch.from_numpy(np.require(faces, requirements=("C", "W")))
         if faces.ndim == 3:
             faces = faces.unsqueeze(0)
         x = faces.permute(0, 3, 1, 2).float()
@@ -114,7 +119,7 @@ class Preprocess:
     def to_tensor(self, image: np.ndarray, landmarks: np.ndarray | None = None) -> torch.Tensor:
         """RGB uint8 image -> (3, size, size) network input."""
         face = self.crop_face(image, landmarks)
-        return self.normalise(torch.from_numpy(np.ascontiguousarray(face)))[0]
+        return self.normalise(face)[0]
 
 
 def resized(spec: Preprocess, size: int) -> Preprocess:

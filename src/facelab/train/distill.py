@@ -150,10 +150,7 @@ def teacher_targets(
             faces = decode_faces(paths, teacher.preprocess, cfg.cache_dir, cfg.workers)
         embeddings = np.concatenate(
             [
-                # a copy of each chunk: the cache is a read-only memory map
-                teacher.embed_tensors(
-                    teacher.preprocess.normalise(torch.from_numpy(np.array(chunk)))
-                )
+                teacher.embed_tensors(teacher.preprocess.normalise(chunk))
                 for chunk in np.array_split(faces, max(1, len(faces) // 256))
             ]
         )

@@ -305,8 +305,7 @@ class Trainer:
         return distributed.in_turn(decode, self.dist) if self.cfg.cache_dir else decode()
 
     def _inputs(self, faces: np.ndarray) -> torch.Tensor:
-        # a copy: cached faces are a read-only memory map, which torch.from_numpy warns about
-        x = self.model.preprocess.normalise(torch.from_numpy(np.array(faces)))
+        x = self.model.preprocess.normalise(faces)
         x = x.to(self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
