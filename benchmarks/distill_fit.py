@@ -25,7 +25,8 @@ from facelab import load_model
 from facelab.data.trials import read_trials, trial_people
 from facelab.models.face_model import FaceModel
 from facelab.train.batches import decode_faces
-from facelab.train.distill import OnlineTeacher, load_teacher, teacher_targets
+from facelab.train.distill import OnlineTeacher, distillation, teacher_preprocess
+from facelab.train.losses import build_criterion
 
 
 def agreement(teacher: OnlineTeacher, student: FaceModel, x: torch.Tensor) -> np.ndarray:
@@ -53,31 +54,32 @@ def main() -> None:
     run = training_run(args.student)
     if run is None or run[0].teacher is None or run[0].alignment != "teacher":
         raise SystemExit(f"{args.student}: not a checkpoint of an online-teacher run")
-    cfg, _, samples = run
-    teacher, student = load_teacher(cfg.teacher), load_model(args.student)
+    cfg, folder, samples = run
+    student, cut = load_model(args.student), teacher_preprocess(cfg.teacher)
     paths = [s.path for s in samples]
-    trained_on = decode_faces(paths, teacher.preprocess, cfg.cache_dir, cfg.workers)
-    _, mean = teacher_targets(cfg, teacher, samples, online=True, faces=trained_on)
-    online = OnlineTeacher(teacher.backbone, torch.from_numpy(mean), student.preprocess.size)
+    trained_on = decode_faces(paths, cut, cfg.cache_dir, cfg.workers)
+    # the run's own online teacher, centred on its training mean (the identity criterion is
+    # kept only when identity_weight > 0, and unused here)
+    identity = build_criterion(cfg.loss, student.embedding_dim, folder.num_classes)
+    online = distillation(cfg, identity, samples, student, torch.device("cpu"), trained_on)[2]
 
     dev = read_trials(args.dev_pairs)
     unseen = sorted({p for t in dev for p in (t.a, t.b)})
     if trial_people(dev) & {s.path.parent.name for s in samples}:
         raise SystemExit(f"{args.dev_pairs}: its people are in the run's training images")
     rng = random.Random(0)
-    row = {path: i for i, path in enumerate(paths)}
-    trained = [row[p] for p in rng.sample(paths, args.faces)]
+    trained = rng.sample(range(len(paths)), args.faces)
     tested = rng.sample(unseen, min(args.faces, len(unseen)))
     kinds = {
         "training faces": trained_on[trained],
         "pairsDevTest faces (unseen people)": decode_faces(
-            tested, teacher.preprocess, cache_dir=None, workers=cfg.workers
+            tested, cut, cache_dir=None, workers=cfg.workers
         ),
     }
     print(f"{args.student}: student-teacher cosine (centred teacher targets)")
     print("| faces | n | mean | median | 10th percentile |\n|---|---|---|---|---|")
     for kind, faces in kinds.items():
-        cos = agreement(online, student, teacher.preprocess.normalise(faces))
+        cos = agreement(online, student, cut.normalise(faces))
         q10, median = np.quantile(cos, [0.1, 0.5])
         print(f"| {kind} | {len(cos)} | {cos.mean():.3f} | {median:.3f} | {q10:.3f} |")
 
