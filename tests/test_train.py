@@ -6,6 +6,7 @@ import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,6 +77,21 @@ def test_train_resume_eval_classify(lfw_subset: Path, tmp_path: Path) -> None:
     img = sorted((lfw_subset / "Tony_Blair").iterdir())[0]
     same = facelab.verify(model, img, img, threshold=0.5)
     assert same.score == pytest.approx(1.0, abs=1e-5) and same.same is True
+
+    # a model-only copy: the same model, config and history, no training state
+    small = tmp_path / "model.pt"
+    assert (
+        main(["export", str(straight.checkpoint), "--format", "checkpoint", "--out", str(small)])
+        == 0
+    )
+    c = load_checkpoint(small)
+    assert set(c) == {"kind", "schema", "model", "model_state", "config", "history"}
+    assert (c["config"], c["history"]) == (a["config"], a["history"])
+    assert all(torch.equal(v, a["model_state"][k]) for k, v in c["model_state"].items())
+    assert small.stat().st_size < straight.checkpoint.stat().st_size / 1.5
+    np.testing.assert_array_equal(
+        facelab.embed(facelab.load_model(small), [img]), facelab.embed(model, [img])
+    )
 
 
 def test_damaged_checkpoint_is_named(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import yaml
 from facelab import api
 from facelab.data.images import ImageError
 from facelab.gallery.store import GalleryError
-from facelab.models.checkpoint import CheckpointError
+from facelab.models.checkpoint import CheckpointError, load_checkpoint, save_model_checkpoint
 from facelab.runtime import set_threads
 from facelab.submission import ID_STYLES, SCORE_CHUNK, parse_columns
 
@@ -425,9 +425,12 @@ def _serve(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from facelab.models.export import export_onnx
 
-    report = export_onnx(
-        api.load_model(args.model), args.out, opset=args.opset, quantization=args.quantize
-    )
+    model = api.load_model(args.model)
+    if args.format == "checkpoint":
+        run = load_checkpoint(args.model) if Path(args.model).is_file() else None
+        print(save_model_checkpoint(args.out, model, run))
+        return
+    report = export_onnx(model, args.out, opset=args.opset, quantization=args.quantize)
     print(json.dumps(asdict(report)))
 
 
@@ -461,10 +464,14 @@ def _add_deployment_commands(sub: Any) -> None:
     p.add_argument("--max-pixels", type=int, default=24_000_000, help="per image, from its header")
     p.add_argument("--keep-dir", help="where enrollments with keep_images write them")
 
-    p = sub.add_parser("export", help="export a model to ONNX (preprocessing in its metadata)")
+    p = sub.add_parser(
+        "export",
+        help="export a model to ONNX (preprocessing in its metadata), or as a model-only "
+        "checkpoint (no optimizer or head state)",
+    )
     p.add_argument("model", help="checkpoint file or pretrained model name (e.g. dlib_resnet)")
-    p.add_argument("--format", choices=("onnx",), default="onnx")
-    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--format", choices=("onnx", "checkpoint"), default="onnx")
+    p.add_argument("--out", required=True, help="the .onnx or .pt file to write")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument(
         "--quantize", choices=("none", "int8"), default="none", help="dynamic int8 weights"

@@ -13,6 +13,7 @@ from facelab.models.face_model import FaceModel
 
 SCHEMA_VERSION = 1
 KIND = "facelab-checkpoint"
+RUN_KEYS = ("config", "history")
 
 
 class CheckpointError(ValueError):
@@ -48,6 +49,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path}: schema {payload.get('schema')}, this facelab reads schema {SCHEMA_VERSION}"
         )
     return payload
+
+
+def save_model_checkpoint(path: str | Path, model: FaceModel, run: dict[str, Any] | None) -> Path:
+    """Write the model alone, with its run's config and history (small, kept for benchmarks
+    and provenance) but no training state (optimizer, head, RNG): a file to ship, evaluate or
+    start another run from (`init_from`), at about half a training checkpoint's size."""
+    kept = {key: run[key] for key in RUN_KEYS if run is not None and key in run}
+    return save_checkpoint(path, model, **kept)
 
 
 def model_from_checkpoint(payload: dict[str, Any]) -> FaceModel:
