@@ -38,6 +38,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    joined: bool = False  # setup() created the process group, so leave() destroys it
 
     @property
     def enabled(self) -> bool:
@@ -59,13 +60,23 @@ def setup() -> tuple[Distributed, torch.device]:
         return Distributed(), device
     if cuda:
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    joined = not dist.is_initialized()
+    if joined:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    info = Distributed(dist.get_rank(), dist.get_world_size(), local_rank)
+    info = Distributed(dist.get_rank(), dist.get_world_size(), local_rank, joined)
     if not info.main:
         logging.getLogger("facelab").setLevel(logging.WARNING)
     log.info("DDP: %d processes, backend %s", info.world_size, dist.get_backend())
     return info, device
+
+
+def leave(info: Distributed) -> None:
+    """Destroy the process group setup() created, once every rank is done: left to the
+    interpreter's exit, gloo's threads are torn down unjoined and a rank may abort (SIGABRT,
+    "terminate called without an active exception") after its work is finished."""
+    if info.joined and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def shard(batch: torch.Tensor, info: Distributed) -> torch.Tensor:

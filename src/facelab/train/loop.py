@@ -479,4 +479,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> TrainResult:
 
     Under torchrun every process calls this; rank 0 logs, evaluates and writes checkpoints.
     """
-    return Trainer(cfg, resume).fit()
+    trainer = Trainer(cfg, resume)
+    result = trainer.fit()
+    distributed.leave(trainer.dist)
+    return result
