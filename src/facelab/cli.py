@@ -17,7 +17,12 @@ import yaml
 from facelab import api
 from facelab.data.images import ImageError
 from facelab.gallery.store import GalleryError
-from facelab.models.checkpoint import CheckpointError, load_checkpoint, save_model_checkpoint
+from facelab.models.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_model_checkpoint,
+)
 from facelab.runtime import set_threads
 from facelab.submission import ID_STYLES, SCORE_CHUNK, parse_columns
 
@@ -425,11 +430,12 @@ def _serve(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from facelab.models.export import export_onnx
 
-    model = api.load_model(args.model)
-    if args.format == "checkpoint":
+    if args.format == "checkpoint":  # a checkpoint file is read once, for its model and run
         run = load_checkpoint(args.model) if Path(args.model).is_file() else None
+        model = model_from_checkpoint(run) if run else api.load_model(args.model)
         print(save_model_checkpoint(args.out, model, run))
         return
+    model = api.load_model(args.model)
     report = export_onnx(model, args.out, opset=args.opset, quantization=args.quantize)
     print(json.dumps(asdict(report)))
 
