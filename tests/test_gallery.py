@@ -1,11 +1,13 @@
-"""Galleries: the SQLite store, search, decisions, mapping, calibration, crash and concurrency
-safety (with real processes and SIGKILL), and the CLI on a tiny randomly initialised model."""
+"""Galleries: the store (each behavioural test on both backends, SQLite and PostgreSQL), search,
+decisions, mapping, calibration, crash and concurrency safety (with real processes and SIGKILL),
+and the CLI on a tiny randomly initialised model."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from postgres import postgres_cluster  # noqa: F401 (a fixture)
 
 from facelab.cli import main
 from facelab.gallery import (
@@ -36,6 +39,7 @@ from facelab.gallery import (
     map_unknown,
     verify_claim,
 )
+from facelab.gallery.backends import gallery_exists, open_store
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from facelab.models.detectors.mtcnn import Detections
 from facelab.models.face_model import FaceModel
@@ -90,15 +94,24 @@ def people(tmp_path: Path) -> dict[str, list[Path]]:
     return write_people(tmp_path / "known", people=4, per_person=3)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def gallery(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a test's gallery lives: an SQLite file, or a fresh database of the test cluster."""
+    if request.param == "sqlite":
+        return tmp_path / "g.db"
+    return request.getfixturevalue("postgres_cluster").new_database()
+
+
 # -- store ----------------------------------------------------------------------------------
 
 
-def test_store_round_trip(tmp_path: Path, model: FaceModel, people: dict[str, list[Path]]) -> None:
-    gallery = tmp_path / "g.db"
+def test_store_round_trip(
+    gallery: Path | str, model: FaceModel, people: dict[str, list[Path]]
+) -> None:
     report = enroll_people(gallery, model, people, progress=False)
     assert report.enrolled == {name: 3 for name in people}
     faces = find_faces(model, people["person_1"])
-    with GalleryStore(gallery) as store:
+    with open_store(gallery) as store:
         assert [i.name for i in store.identities()] == sorted(people)
         assert store.model() == ModelInfo.of(model)
         assert Preprocess.from_dict(store.model().preprocess) == model.preprocess
@@ -117,17 +130,18 @@ def test_store_round_trip(tmp_path: Path, model: FaceModel, people: dict[str, li
         stats = store.stats()
         assert stats["identities"] == 4 and stats["images"] == 12 and stats["schema_version"] == 1
         assert store.path == str(gallery)
-        assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        if isinstance(gallery, Path):
+            assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_schema_version_newer_or_older_is_refused_naming_the_file(tmp_path: Path) -> None:
-    gallery = tmp_path / "g.db"
-    GalleryStore(gallery, create=True).close()
-    for version, word in (("2", "newer"), ("0", "older")):
-        with sqlite3.connect(gallery) as db:
-            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
-        with pytest.raises(GalleryError, match=rf"{gallery}.*{word}"):
-            GalleryStore(gallery)
+def test_schema_version_newer_or_older_is_refused_naming_the_file(gallery: Path | str) -> None:
+    with open_store(gallery, create=True) as store:
+        for version, word in (("2", "newer"), ("0", "older")):
+            store._conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,)
+            )
+            with pytest.raises(GalleryError, match=rf"{re.escape(str(gallery))}.*{word}"):
+                open_store(gallery)
 
 
 def test_not_a_gallery_and_missing_gallery_are_refused(tmp_path: Path) -> None:
@@ -145,13 +159,13 @@ def test_not_a_gallery_and_missing_gallery_are_refused(tmp_path: Path) -> None:
 
 
 def test_other_model_is_refused_and_nothing_changes(
-    tmp_path: Path, model: FaceModel, people: dict[str, list[Path]]
+    gallery: Path | str, model: FaceModel, people: dict[str, list[Path]]
 ) -> None:
-    gallery = tmp_path / "g.db"
     enroll(gallery, model, "person_0", people["person_0"], progress=False)
-    with GalleryStore(gallery) as store:
+    with open_store(gallery) as store:
         before = store.revision()
-        with pytest.raises(GalleryError, match=r"g\.db: gallery was built with mobilefacenet"):
+        built_with = rf"{re.escape(str(gallery))}: gallery was built with mobilefacenet"
+        with pytest.raises(GalleryError, match=built_with):
             enroll(store, tiny_model(seed=1), "person_1", people["person_1"], progress=False)
         with pytest.raises(GalleryError, match="fingerprint"):
             identify(store, tiny_model(seed=1), people["person_0"][:1], threshold=0.5)
@@ -160,15 +174,14 @@ def test_other_model_is_refused_and_nothing_changes(
 
 
 def test_enrolled_name_is_refused_unless_append(
-    tmp_path: Path, model: FaceModel, people: dict[str, list[Path]]
+    gallery: Path | str, model: FaceModel, people: dict[str, list[Path]]
 ) -> None:
-    gallery = tmp_path / "g.db"
     enroll(gallery, model, "person_0", people["person_0"][:1], progress=False)
     with pytest.raises(GalleryError, match="already enrolled: 'person_0'"):
         enroll_people(
             gallery, model, {"person_1": people["person_1"], "person_0": people["person_0"]}
         )
-    with GalleryStore(gallery) as store:
+    with open_store(gallery) as store:
         assert [(i.name, i.images) for i in store.identities()] == [("person_0", 1)]
         enroll(store, model, "person_0", people["person_0"][1:], append=True, progress=False)
         assert [(i.name, i.images) for i in store.identities()] == [("person_0", 3)]
@@ -177,21 +190,22 @@ def test_enrolled_name_is_refused_unless_append(
 
 
 def test_bad_image_names_the_file_and_stores_nothing(
-    tmp_path: Path, model: FaceModel, people: dict[str, list[Path]]
+    tmp_path: Path, gallery: Path | str, model: FaceModel, people: dict[str, list[Path]]
 ) -> None:
-    gallery = tmp_path / "g.db"
     enroll(gallery, model, "person_0", people["person_0"], progress=False)
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8 not really a jpeg")
     for bad in (corrupt, tmp_path / "missing.jpg"):
         with pytest.raises(ValueError, match=bad.name):
             enroll(gallery, model, "person_1", [people["person_1"][0], bad], progress=False)
-    with GalleryStore(gallery) as store:
+    with open_store(gallery) as store:
         assert [(i.name, i.images) for i in store.identities()] == [("person_0", 3)]
 
 
-def test_remove_and_rename(tmp_path: Path, model: FaceModel, people: dict[str, list[Path]]) -> None:
-    with GalleryStore(tmp_path / "g.db", create=True) as store:
+def test_remove_and_rename(
+    gallery: Path | str, model: FaceModel, people: dict[str, list[Path]]
+) -> None:
+    with open_store(gallery, create=True) as store:
         enroll_people(store, model, people, progress=False)
         assert store.remove("person_0") == 3
         store.rename("person_1", "Alice")
@@ -239,7 +253,7 @@ def store_with_vectors(path: Path | str, groups: dict[str, np.ndarray]) -> Galle
 
     dim = next(iter(groups.values())).shape[1]
     info = ModelInfo("synthetic", "f" * 16, dim, {})
-    store = GalleryStore(path, create=True)
+    store = open_store(path, create=True)
     store.add(
         {
             n: [EnrolledFace(f"{n}_{i}", "", 0, v) for i, v in enumerate(vs)]
@@ -271,14 +285,14 @@ def test_identity_search_matches_brute_force(aggregate: str) -> None:
                 np.testing.assert_allclose([m.score for m in matches], expected[q, best], atol=1e-5)
 
 
-def test_search_index_follows_store_changes(tmp_path: Path) -> None:
+def test_search_index_follows_store_changes(gallery: Path | str) -> None:
     rng = np.random.default_rng(3)
     groups = {"a": unit(rng.normal(size=(2, 16))), "b": unit(rng.normal(size=(1, 16)))}
-    with store_with_vectors(tmp_path / "g.db", groups) as store:
+    with store_with_vectors(gallery, groups) as store:
         search = GallerySearch(store, "hnsw")
         assert search.search(groups["b"], k=1)[0][0].identity == "b"
         # A change committed by another connection (another process) is seen too.
-        with GalleryStore(tmp_path / "g.db") as other:
+        with open_store(gallery) as other:
             other.rename("b", "c")
         assert search.search(groups["b"], k=1)[0][0].identity == "c"
         store.remove("c")
@@ -291,8 +305,9 @@ def test_search_index_follows_store_changes(tmp_path: Path) -> None:
 # -- decisions ------------------------------------------------------------------------------
 
 
-def test_identify_and_unknown_decisions(tmp_path: Path, model: FaceModel) -> None:
-    gallery = tmp_path / "g.db"
+def test_identify_and_unknown_decisions(
+    tmp_path: Path, gallery: Path | str, model: FaceModel
+) -> None:
     people = {f"p{i}": person_images(i, 3) for i in range(5)}
     enroll_people(gallery, model, {n: imgs[:2] for n, imgs in people.items()}, progress=False)
     probes = [people[n][2] for n in sorted(people)]
@@ -318,7 +333,9 @@ def test_identify_and_unknown_decisions(tmp_path: Path, model: FaceModel) -> Non
             identify(empty, model, probes, threshold=0.5)
 
 
-def test_calibrate_stores_threshold_and_decisions_name_it(tmp_path: Path, model: FaceModel) -> None:
+def test_calibrate_stores_threshold_and_decisions_name_it(
+    tmp_path: Path, gallery: Path | str, model: FaceModel
+) -> None:
     root = tmp_path / "people"
     files = write_people(root, people=6, per_person=3)
     names = sorted(files)
@@ -328,13 +345,12 @@ def test_calibrate_stores_threshold_and_decisions_name_it(tmp_path: Path, model:
     trials.write_text(
         "".join(f"{a.relative_to(root)},{b.relative_to(root)},{y}\n" for a, b, y in rows)
     )
-    gallery = tmp_path / "g.db"
     chosen = calibrate(gallery, model, trials, target_far=0.1, images_root=root, progress=False)
     assert chosen.target_far == 0.1 and chosen.measured_far <= 0.1
     assert chosen.n_genuine == 12 and chosen.n_impostor == 30
     assert 0.0 <= chosen.measured_frr <= 1.0
     calibrate(gallery, model, trials, target_far=0.5, images_root=root, progress=False)
-    with GalleryStore(gallery) as store:
+    with open_store(gallery) as store:
         assert store.threshold(0.1) == chosen
         assert store.threshold().target_far == 0.5  # the most recent is the default
         with pytest.raises(
@@ -374,7 +390,7 @@ class FakeDetector:
         return out
 
 
-def test_face_policies_with_a_detector(tmp_path: Path) -> None:
+def test_face_policies_with_a_detector(tmp_path: Path, gallery: Path | str) -> None:
     template = tuple(
         (x * 32, y * 32) for x, y in ((0.3, 0.4), (0.7, 0.4), (0.5, 0.6), (0.35, 0.8), (0.65, 0.8))
     )
@@ -394,10 +410,10 @@ def test_face_policies_with_a_detector(tmp_path: Path) -> None:
     every = find_faces(aligned, images[2:], all_faces=True, detector=FakeDetector())
     assert [(f.face, f.box[2]) for f in every] == [(0, 34), (1, 12)]  # largest first
     with pytest.raises(GalleryError, match="faces0.png: no face found"):
-        enroll(tmp_path / "g.db", aligned, "x", images, detector=FakeDetector(), progress=False)
-    assert not (tmp_path / "g.db").exists() or GalleryStore(tmp_path / "g.db").identities() == []
+        enroll(gallery, aligned, "x", images, detector=FakeDetector(), progress=False)
+    assert not gallery_exists(gallery) or open_store(gallery).identities() == []
     report = enroll(
-        tmp_path / "g.db",
+        gallery,
         aligned,
         "x",
         images,
@@ -576,10 +592,10 @@ def test_two_processes_enrolling_at_once_lose_nothing(tmp_path: Path, checkpoint
 
 
 def test_cli_enroll_identify_gallery(
-    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, gallery: Path | str, checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     files = write_people(tmp_path / "people", people=3, per_person=2)
-    g = ["--gallery", str(tmp_path / "g.db")]
+    g = ["--gallery", str(gallery)]
     assert main(["enroll", *g, "--model", str(checkpoint), "--tree", str(tmp_path / "people")]) == 0
     assert json.loads(capsys.readouterr().out)["enrolled"] == {n: 2 for n in files}
     assert main(["enroll", *g, "--name", "person_0", str(files["person_1"][0])]) == 2

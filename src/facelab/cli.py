@@ -27,6 +27,7 @@ from facelab.runtime import set_threads
 from facelab.submission import ID_STYLES, SCORE_CHUNK, parse_columns
 
 log = logging.getLogger("facelab")
+GALLERY_HELP = "gallery file, or a postgresql://user@host:port/db address (default gallery.db)"
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {}
 
@@ -164,13 +165,13 @@ def _verify(args: argparse.Namespace) -> None:
 
 def _model_source(args: argparse.Namespace) -> str:
     """--model as given (a checkpoint as an absolute path), else the source the gallery recorded."""
-    from facelab.gallery import GalleryStore
+    from facelab.gallery.backends import gallery_exists, open_store
 
     if args.model:
         return str(Path(args.model).resolve()) if Path(args.model).is_file() else args.model
-    if not Path(args.gallery).is_file():
+    if not gallery_exists(args.gallery):
         raise SystemExit(f"{args.gallery}: no gallery yet; give --model to make one")
-    with GalleryStore(args.gallery) as store:
+    with open_store(args.gallery) as store:
         source = store.model_source()
     if source is None:
         raise SystemExit(f"{args.gallery}: the gallery does not record its model; give --model")
@@ -184,9 +185,9 @@ def _gallery_model(args: argparse.Namespace) -> Any:
 def _remember_model(args: argparse.Namespace) -> None:
     """After a command that bound the gallery to a model: record where that model comes from,
     so later commands on the gallery need no --model."""
-    from facelab.gallery import GalleryStore
+    from facelab.gallery.backends import open_store
 
-    with GalleryStore(args.gallery) as store:
+    with open_store(args.gallery) as store:
         store.set_model_source(_model_source(args))
 
 
@@ -274,9 +275,12 @@ def _map(args: argparse.Namespace) -> None:
 
 @command("gallery")
 def _gallery(args: argparse.Namespace) -> None:
-    from facelab.gallery import GalleryStore
+    from facelab.gallery.backends import copy_gallery, open_store
 
-    with GalleryStore(args.gallery) as store:
+    if args.gallery_command == "copy":
+        print(json.dumps(copy_gallery(args.src, args.dst)))
+        return
+    with open_store(args.gallery) as store:
         if args.gallery_command == "list":
             for identity in store.identities():
                 print(f"{identity.name}\t{identity.images}")
@@ -413,7 +417,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     source = _model_source(args)
     config = ServeConfig(
-        gallery=Path(args.gallery),
+        gallery=args.gallery,
         keys=ApiKeys() if args.insecure_local else ApiKeys.load(args.keys_file),
         insecure_local=args.insecure_local,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
@@ -454,7 +458,7 @@ def _add_deployment_commands(sub: Any) -> None:
         help="HTTP API and browser page over a gallery (keys: FACELAB_API_KEYS or --keys-file)",
         parents=[_model_option()],
     )
-    p.add_argument("--gallery", default="gallery.db", help="gallery file (default gallery.db)")
+    p.add_argument("--gallery", default="gallery.db", help=GALLERY_HELP)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--keys-file", help="file of ROLE:KEY lines (ro or rw), instead of the env var")
@@ -606,6 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("old")
     q.add_argument("new")
     gallery_sub.add_parser("stats", parents=[_gallery_options()], help="counts, model, thresholds")
+    q = gallery_sub.add_parser(
+        "copy", help="copy a gallery to an empty one (SQLite file <-> postgresql://...)"
+    )
+    q.add_argument("src", help="gallery to read (file or postgresql:// address)")
+    q.add_argument("dst", help="new or empty gallery to write (file or postgresql:// address)")
 
     p = sub.add_parser(
         "calibrate",
@@ -635,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _gallery_options(no_face: str = "error") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--gallery", default="gallery.db", help="gallery file (default gallery.db)")
+    p.add_argument("--gallery", default="gallery.db", help=GALLERY_HELP)
     _no_face_option(p, no_face)
     return p
 

@@ -47,6 +47,7 @@ from facelab.eval.identification import (
 )
 from facelab.eval.metrics import tpr_at_fpr
 from facelab.fileio import atomic_write_csv, atomic_write_text
+from facelab.gallery.backends import open_store
 from facelab.gallery.search import GallerySearch, Match, identity_rows
 from facelab.gallery.store import (
     MEMORY,
@@ -177,7 +178,7 @@ def _opened(gallery: GalleryLike, create: bool = False) -> Iterator[GalleryStore
     if isinstance(gallery, GalleryStore):
         yield gallery
         return
-    with GalleryStore(gallery, create=create) as store:
+    with open_store(gallery, create=create) as store:
         yield store
 
 
