@@ -55,7 +55,9 @@ def copy_gallery(source: GalleryAddress, destination: GalleryAddress) -> dict[st
         thresholds = src.thresholds()[::-1]
         source_of_model = src.model_source()
         if src.revision() != revision:
-            raise GalleryError(f"{src.path}: changed while being read; nothing was copied, run again")
+            raise GalleryError(
+                f"{src.path}: changed while being read; nothing was copied, run again"
+            )
         if model is not None:
             dst.add(faces, model)
             for threshold in thresholds:

@@ -298,9 +298,20 @@ class PostgresStore(GalleryStore):
         matrix = self._matrix([blob for _, blob in rows])
         names = [name for name, _ in rows]
         starts = [i for i in range(len(names)) if i == 0 or names[i] != names[i - 1]]
-        ends = starts[1:] + [len(names)]
+        ends = starts[1:] + [len(names)] if names else []
         embeddings = {names[a]: matrix[a:b] for a, b in zip(starts, ends, strict=True)}
         return Delta(now, changed, embeddings)
+
+    def listen(self) -> None:
+        """Subscribe this connection to change notifications (see `wait_for_change`)."""
+        self._conn.execute(f"LISTEN {CHANNEL}")
+
+    def wait_for_change(self, timeout: float) -> bool:
+        """Block until a change is announced (True) or `timeout` seconds pass (False)."""
+        with self._conn._errors():
+            for _ in self._conn.raw.notifies(timeout=timeout, stop_after=1):
+                return True
+        return False
 
     def stats(self) -> dict[str, Any]:
         out = super().stats()

@@ -15,8 +15,11 @@ one template per identity, the L2-normalised mean of its embeddings (smaller ind
 per person). Either way the index holds rows that map to identities, and the k best identities
 are read off the best-scoring rows.
 
-`GallerySearch` rebuilds its index whenever the gallery's revision counter has moved, so a
-search always reflects every committed enrollment, removal and rename.
+`GallerySearch` follows the gallery's revision counter, so a search always reflects every
+committed enrollment, removal and rename. On a store that logs its changes (PostgreSQL), it
+reads only the identities changed since its revision and patches the index: their new rows are
+added, their old rows become tombstones that searches skip, and the index is rebuilt from a
+full snapshot only once tombstones pass a quarter of its rows.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
+from facelab.gallery.postgres import Delta, PostgresStore
 from facelab.gallery.store import GalleryError, GalleryStore, Snapshot
 
 log = logging.getLogger(__name__)
@@ -41,14 +45,33 @@ class VectorIndex(Protocol):
         """(scores, rows), each (Q, k), best first."""
         ...
 
+    def add(self, vectors: np.ndarray) -> None:
+        """Append rows (numbered after the existing ones)."""
+        ...
+
 
 class ExactIndex:
     """Brute force: queries x all vectors, in batches so the score matrix stays small."""
 
     def __init__(self, vectors: np.ndarray, batch_rows: int = 1 << 24) -> None:
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._buffer = np.ascontiguousarray(vectors, dtype=np.float32)
+        self._batch_rows = batch_rows
+        self._use(len(self._buffer))
+
+    def _use(self, rows: int) -> None:
+        self.vectors = self._buffer[:rows]
         # Queries per batch so that one (batch, N) score block holds about batch_rows floats.
-        self._batch = max(1, batch_rows // max(1, len(self.vectors)))
+        self._batch = max(1, self._batch_rows // max(1, rows))
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Append in place, the buffer growing by half when full (no copy per enrollment)."""
+        n, extra = len(self.vectors), len(vectors)
+        if n + extra > len(self._buffer):
+            grown = np.empty((max(n + extra, n + n // 2), self._buffer.shape[1]), np.float32)
+            grown[:n] = self.vectors
+            self._buffer = grown
+        self._buffer[n : n + extra] = vectors
+        self._use(n + extra)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, len(self.vectors))
@@ -113,6 +136,9 @@ class FaissIndex:
             raise ValueError(f"unknown FAISS index kind {kind!r}; known: flat, hnsw, ivf")
         self.index.add(vectors)
 
+    def add(self, vectors: np.ndarray) -> None:
+        self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, self.index.ntotal)
         if self.kind == "hnsw":
@@ -168,43 +194,102 @@ class GallerySearch:
         self.aggregate = aggregate
         self.options = options
         self.revision: int | None = None
-        self.names: list[str] = []
+        self.names: list[str] = []  # label -> identity name (labels of tombstones included)
+        self._live: dict[str, int] = {}  # name -> its label in the index
+        self._index: VectorIndex | None = None
 
     def refresh(self) -> None:
-        """Rebuild the index if the gallery changed since it was built."""
-        if self.revision == self.store.revision():
-            return
-        snap: Snapshot = self.store.snapshot()
-        vectors, self._labels = identity_rows(snap.embeddings, snap.labels, self.aggregate)
-        self.names = snap.names
-        self._per_identity = int(np.bincount(self._labels).max()) if len(self._labels) else 0
-        self._index = build_index(vectors, self.method, **self.options) if len(vectors) else None
-        self.revision = snap.revision
-        log.debug(
-            "built %s index of %d rows at revision %d", self.method, len(vectors), self.revision
+        """Bring the index to the gallery's current revision."""
+        if self.revision != self.store.revision():
+            self.apply(self.fetch())
+
+    def fetch(self) -> Snapshot | Delta:
+        """What the index needs from the store: the changes since its revision where the store
+        logs them and a patch is worth it, else a full snapshot."""
+        patchable = (
+            isinstance(self.store, PostgresStore)
+            and self._index is not None
+            and self._dead_rows * 4 < len(self._labels)
         )
+        if patchable and self.revision is not None:
+            return self.store.changes_since(self.revision)
+        return self.store.snapshot()
+
+    def apply(self, change: Snapshot | Delta) -> None:
+        """Rebuild from a snapshot, or patch the index with a delta (memory only, no I/O)."""
+        if isinstance(change, Snapshot):
+            self._build(change)
+        else:
+            self._patch(change)
+        self.revision = change.revision
+
+    def _build(self, snap: Snapshot) -> None:
+        vectors, self._labels = identity_rows(snap.embeddings, snap.labels, self.aggregate)
+        self.names = list(snap.names)
+        self._live = {name: label for label, name in enumerate(self.names)}
+        self._rows = np.bincount(self._labels, minlength=len(self.names)).tolist()
+        self._dead_rows = 0
+        self._per_identity = max(self._rows, default=0)
+        self._index = build_index(vectors, self.method, **self.options) if len(vectors) else None
+        log.debug(
+            "built %s index of %d rows at revision %d", self.method, len(vectors), snap.revision
+        )
+
+    def _patch(self, delta: Delta) -> None:
+        for name in delta.changed:
+            label = self._live.pop(name, None)
+            if label is not None:
+                self._dead_rows += self._rows[label]
+        new_vectors, new_labels = [], []
+        for name, embeddings in delta.embeddings.items():
+            label = len(self.names)
+            vectors, _ = identity_rows(
+                embeddings, np.zeros(len(embeddings), np.int64), self.aggregate
+            )
+            self.names.append(name)
+            self._live[name] = label
+            self._rows.append(len(vectors))
+            self._per_identity = max(self._per_identity, len(vectors))
+            new_vectors.append(vectors)
+            new_labels.append(np.full(len(vectors), label, np.int64))
+        if new_vectors:
+            assert self._index is not None  # fetch() patches only a built index
+            self._index.add(np.concatenate(new_vectors))
+            self._labels = np.concatenate([self._labels, *new_labels])
+        log.debug("patched %d identities in at revision %d", len(delta.changed), delta.revision)
 
     def search(self, queries: np.ndarray, k: int = 5) -> list[list[Match]]:
         """The k best identities (fewer if fewer are enrolled) for each query, best first."""
         self.refresh()
-        if self._index is None:
+        return self.query(queries, k)
+
+    def query(self, queries: np.ndarray, k: int = 5) -> list[list[Match]]:
+        """`search` on the index as it is, without asking the store about changes."""
+        if self._index is None or not self._live:
             raise GalleryError(f"{self.store.path}: gallery is empty; enroll someone first")
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        k = min(k, len(self.names))
-        # The k best identities' best rows are among the top k * (most rows of one identity).
-        scores, rows = self._index.search(queries, k * self._per_identity)
-        results = []
-        for row_scores, row_ids in zip(scores, rows, strict=True):
-            matches: list[Match] = []
-            seen: set[int] = set()
-            for score, row in zip(row_scores, row_ids, strict=True):
-                if row < 0:  # FAISS pads with -1 when an approximate search finds too few
+        k = min(k, len(self._live))
+        # The k best identities' best rows are among the top k * (most rows of one identity)
+        # live rows; tombstones may push some further down, hence the widening retry.
+        rows_wanted = k * self._per_identity + min(self._dead_rows, 64)
+        while True:
+            scores, rows = self._index.search(queries, rows_wanted)
+            results = [self._best_identities(s, r, k) for s, r in zip(scores, rows, strict=True)]
+            exhausted = rows_wanted >= len(self._labels)
+            if exhausted or all(len(m) == k for m in results) or self._dead_rows == 0:
+                return results
+            rows_wanted = min(len(self._labels), rows_wanted * 4)
+
+    def _best_identities(self, scores: np.ndarray, rows: np.ndarray, k: int) -> list[Match]:
+        matches: list[Match] = []
+        seen: set[int] = set()
+        for score, row in zip(scores, rows, strict=True):
+            if row < 0:  # FAISS pads with -1 when an approximate search finds too few
+                break
+            label = int(self._labels[row])
+            if label not in seen and self._live.get(self.names[label]) == label:
+                seen.add(label)
+                matches.append(Match(self.names[label], float(score)))
+                if len(matches) == k:
                     break
-                label = int(self._labels[row])
-                if label not in seen:
-                    seen.add(label)
-                    matches.append(Match(self.names[label], float(score)))
-                    if len(matches) == k:
-                        break
-            results.append(matches)
-        return results
+        return matches
