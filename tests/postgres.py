@@ -1,5 +1,6 @@
 """A throwaway PostgreSQL cluster for tests and benchmarks: Debian's PostgreSQL binaries, a data
-folder in a temporary directory, a free loopback port, unix sockets beside the data.
+folder in a temporary directory, a free loopback port, unix sockets beside the data; and real
+`facelab serve` replica processes over a gallery.
 
 The server refuses to run as root, so under root the cluster belongs to the `postgres` system
 user (made by Debian's package) and every command runs through `runuser`. Tests that need the
@@ -14,7 +15,9 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,7 +87,8 @@ class Cluster:
         return done
 
     def _options(self) -> str:
-        return f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root}"
+        sockets = f"-c unix_socket_directories={self.root}"
+        return f"-c listen_addresses=127.0.0.1 -c port={self.port} {sockets}"
 
     def start(self) -> None:
         done = self._run(
@@ -174,3 +178,53 @@ def postgres_cluster() -> Iterator[Cluster]:
         pytest.skip(f"PostgreSQL cannot start here: {exc}")
     yield cluster
     cluster.close()
+
+
+class Replica:
+    """One real `facelab serve` process (no keys, loopback) over `gallery`, started and waited
+    for; `kill()` is SIGKILL, `stop()` a normal shutdown."""
+
+    def __init__(self, gallery: str, model: str, *extra: str, log: Path | None = None) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        src = Path(__file__).resolve().parents[1] / "src"
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "OMP_NUM_THREADS": "1",
+        }
+        cmd = [sys.executable, "-m", "facelab", "serve", "--model", model, "--gallery", gallery]
+        cmd += ["--insecure-local", "--port", str(self.port), *extra]
+        self._log = open(log or os.devnull, "ab")  # noqa: SIM115 (closed in stop/kill)
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.startup_seconds = self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 300.0) -> float:
+        import httpx
+
+        while time.perf_counter() - self.started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"facelab serve exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"facelab serve did not answer within {timeout:.0f} s")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()

@@ -426,6 +426,7 @@ def _serve(args: argparse.Namespace) -> None:
         max_wait_ms=args.max_wait_ms,
         keep_dir=Path(args.keep_dir) if args.keep_dir else None,
         model_source=source,
+        search=args.search,
     )
     run(api.load_model(source, runtime=args.runtime), config, host=args.host, port=args.port)
 
@@ -473,6 +474,12 @@ def _add_deployment_commands(sub: Any) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit")
     p.add_argument("--max-pixels", type=int, default=24_000_000, help="per image, from its header")
     p.add_argument("--keep-dir", help="where enrollments with keep_images write them")
+    p.add_argument(
+        "--search",
+        choices=("exact", "flat", "hnsw", "ivf"),
+        default="exact",
+        help="the replica's in-memory index: exact (default) or a FAISS index",
+    )
 
     p = sub.add_parser(
         "export",

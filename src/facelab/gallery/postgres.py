@@ -32,7 +32,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from facelab.gallery.store import _SCHEMA, SCHEMA_VERSION, GalleryError, GalleryStore
+from facelab.gallery.store import (
+    _SCHEMA,
+    SCHEMA_VERSION,
+    GalleryConflict,
+    GalleryError,
+    GalleryStore,
+)
 
 CHANNEL = "facelab_gallery"
 
@@ -127,9 +133,9 @@ class _Connection:
                 f"{self.path}: gallery busy (another writer held it past the lock timeout); "
                 f"{outcome}"
             ) from exc
-        except psycopg.errors.UniqueViolation as exc:
-            raise GalleryError(f"{self.path}: {exc.diag.message_detail or exc}") from exc
-        except psycopg.OperationalError as exc:
+        except psycopg.errors.UniqueViolation as exc:  # the name constraint, behind the lock
+            raise GalleryConflict(f"{self.path}: {exc.diag.message_detail or exc}") from exc
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise GalleryUnavailable(
                 f"{self.path}: lost the database connection ({reason}); {outcome}"

@@ -53,6 +53,7 @@ from facelab.gallery.store import (
     MEMORY,
     UNKNOWN,
     EnrolledFace,
+    GalleryConflict,
     GalleryError,
     GalleryStore,
     ModelInfo,
@@ -219,7 +220,7 @@ def enroll_people(
         enrolled_before = {i.name for i in store.identities()}
         clash = sorted(set(names.values()) & enrolled_before)
         if clash and not append:
-            raise GalleryError(
+            raise GalleryConflict(
                 f"{store.path}: already enrolled: {', '.join(map(repr, clash))}; "
                 f"pass append to add images to them"
             )

@@ -81,6 +81,10 @@ class GalleryError(ValueError):
     """A gallery operation was refused; the message names the gallery file or the identity."""
 
 
+class GalleryConflict(GalleryError):
+    """Refused because the name is already enrolled (by this or another process)."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a gallery records of the model its embeddings were made with."""
@@ -295,7 +299,7 @@ class GalleryStore:
             for name, faces in faces_by_name.items():
                 row = db.execute("SELECT id FROM identities WHERE name = ?", (name,)).fetchone()
                 if row is not None and not append:
-                    raise GalleryError(
+                    raise GalleryConflict(
                         f"{self.path}: {name!r} is already enrolled; append to add images to it"
                     )
                 if row is None:

@@ -39,7 +39,6 @@ from facelab.data.images import ImageError
 from facelab.fileio import atomic_write
 from facelab.gallery import (
     GalleryError,
-    GalleryStore,
     ModelInfo,
     Threshold,
     enroll,
@@ -47,7 +46,11 @@ from facelab.gallery import (
     identify,
     verify_claim,
 )
+from facelab.gallery.backends import GalleryAddress, open_store
+from facelab.gallery.postgres import GalleryUnavailable, is_postgres_address
+from facelab.gallery.replica import GalleryReplica
 from facelab.gallery.service import resolve_threshold
+from facelab.gallery.store import GalleryConflict
 from facelab.models.export import OnnxFaceModel
 from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS
@@ -70,7 +73,7 @@ Far = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 class ServeConfig:
     """What the server needs besides the model; the defaults suit a small deployment."""
 
-    gallery: Path
+    gallery: GalleryAddress  # a file, or postgresql://... shared by several replicas
     keys: ApiKeys = ApiKeys()
     insecure_local: bool = False  # no key needed; `run` then binds 127.0.0.1 only
     max_upload_bytes: int = 10 * 1024 * 1024
@@ -80,6 +83,7 @@ class ServeConfig:
     max_wait_ms: float = 5.0
     keep_dir: Path | None = None  # where enrollments asking to keep images write them
     model_source: str | None = None  # recorded in the gallery (how to load the model again)
+    search: str = "exact"  # the in-memory index's method (gallery.search.METHODS)
 
 
 # -- request options (the non-image fields of each body) ----------------------------------------
@@ -239,6 +243,7 @@ class InfoOut(BaseModel):
     batching: dict[str, Any]
     limits: dict[str, int]
     thresholds: list[ThresholdOut]
+    gallery: dict[str, Any]  # backend, revision served, stale (and since when, why)
 
 
 class HealthOut(BaseModel):
@@ -305,11 +310,12 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     if model.preprocess.alignment in LANDMARK_ALIGNMENTS:
         detector = BatchedDetector(DETECTORS.create("mtcnn"), config.max_batch, wait)
     info = ModelInfo.of(served)
-    with GalleryStore(config.gallery, create=True) as store:
+    with open_store(config.gallery, create=True) as store:
         store.check_model(info)
         if config.model_source:
             store.set_model_source(config.model_source)
-    keep_dir = config.keep_dir or config.gallery.with_name(config.gallery.name + ".images")
+    replica = GalleryReplica(config.gallery, config.search)
+    keep_dir = config.keep_dir or _default_keep_dir(config.gallery)
     page = resources.files("facelab.serve").joinpath("static/index.html").read_bytes()
     page_policy = _content_security_policy(page)
     limits = {
@@ -321,6 +327,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        replica.close()
         served.queue.close()
         if detector is not None:
             detector.queue.close()
@@ -372,6 +379,14 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         )
         return error(422, "invalid_request", detail)
 
+    @app.exception_handler(GalleryConflict)
+    async def _conflict(_: Request, exc: GalleryConflict) -> JSONResponse:
+        return error(409, "conflict", str(exc))
+
+    @app.exception_handler(GalleryUnavailable)
+    async def _unavailable(_: Request, exc: GalleryUnavailable) -> JSONResponse:
+        return error(503, "gallery_unavailable", str(exc))
+
     @app.exception_handler(GalleryError)
     @app.exception_handler(ImageError)
     async def _refused(_: Request, exc: ValueError) -> JSONResponse:
@@ -388,6 +403,9 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         response.headers["X-Content-Type-Options"] = "nosniff"
         if request.url.path.startswith("/v1/"):
             response.headers["Cache-Control"] = "no-store"
+            status = replica.status()  # the index identify answered from; stale: maybe old
+            response.headers["X-Gallery-Revision"] = str(status.revision)
+            response.headers["X-Gallery-Stale"] = "true" if status.stale else "false"
         return response
 
     # -- routes ---------------------------------------------------------------------------------
@@ -419,8 +437,11 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     @app.get("/v1/info", response_model=InfoOut, dependencies=[read], responses=_responses(401))
     def model_info() -> InfoOut:
         """The served model, batching statistics, limits and the gallery's thresholds."""
-        with GalleryStore(config.gallery) as store:
-            thresholds = [ThresholdOut.of(t) for t in store.thresholds()]
+        try:
+            with open_store(config.gallery) as store:
+                thresholds = [ThresholdOut.of(t) for t in store.thresholds()]
+        except GalleryUnavailable:
+            thresholds = []  # unknown now; `gallery` says the replica is stale and why
         batching: dict[str, Any] = {
             "max_batch": config.max_batch,
             "max_wait_ms": config.max_wait_ms,
@@ -437,6 +458,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             batching=batching,
             limits=limits,
             thresholds=thresholds,
+            gallery=asdict(replica.status()),
         )
 
     @app.post("/v1/embed", response_model=EmbedOut, dependencies=[read], **operation(EMBED))
@@ -483,7 +505,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             raise ApiError(422, "no_face", f"no face found in {uploads[missing[0]].field}")
         score = float(faces[0].embedding @ faces[1].embedding)
         given = opts.threshold is not None or opts.far is not None
-        with GalleryStore(config.gallery) as store:
+        with open_store(config.gallery) as store:
             threshold = None
             if given or store.thresholds():
                 threshold = resolve_threshold(store, opts.threshold, opts.far)
@@ -500,7 +522,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
 
     def claim(opts: VerifyOptions, uploads: list[Upload]) -> VerifyOut:
         images = decode_uploads(uploads, config.max_pixels)
-        with GalleryStore(config.gallery) as store:
+        with open_store(config.gallery) as store:
             if opts.identity not in {i.name for i in store.identities()}:
                 raise ApiError(404, "not_found", f"{opts.identity!r} is not enrolled")
             result = verify_claim(
@@ -531,7 +553,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
 
         def work() -> IdentifyOut:
             images = decode_uploads(uploads, config.max_pixels)
-            with GalleryStore(config.gallery) as store:
+            with open_store(config.gallery) as store:
                 chosen = resolve_threshold(store, opts.threshold, opts.far)
                 if not store.identities():
                     raise ApiError(422, "empty_gallery", "nobody is enrolled yet")
@@ -545,6 +567,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
                     all_faces=opts.all_faces,
                     no_face=opts.no_face,
                     detector=detector,
+                    search=replica,
                 )
             return IdentifyOut(
                 faces=[
@@ -574,7 +597,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
 
     def enroll_uploads(opts: EnrollOptions, uploads: list[Upload]) -> EnrollOut:
         images = decode_uploads(uploads, config.max_pixels)  # refuse bad images before keeping
-        with GalleryStore(config.gallery) as store:
+        with open_store(config.gallery) as store:
             if not opts.append and opts.name in {i.name for i in store.identities()}:
                 raise ApiError(409, "conflict", f"{opts.name!r} is already enrolled")
         kept: list[Path] = []
@@ -602,6 +625,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             for path in kept:  # nothing enrolled: keep nothing new either
                 path.unlink(missing_ok=True)
             raise
+        replica.catch_up()  # this replica answers with the enrollment from the next request on
         faces = report.enrolled.get(opts.name, 0)
         if faces == 0:
             raise ApiError(422, "no_face", "no face found in any image: nothing enrolled")
@@ -619,7 +643,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         responses=_responses(401),
     )
     def identities() -> IdentitiesOut:
-        with GalleryStore(config.gallery) as store:
+        with open_store(config.gallery) as store:
             return IdentitiesOut(identities=[IdentityOut(**asdict(i)) for i in store.identities()])
 
     @app.delete(
@@ -630,10 +654,11 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     )
     def remove(name: Annotated[str, PathParam(pattern=NAME_PATTERN)]) -> RemovedOut:
         """Delete an identity, its embeddings and the image files kept for it."""
-        with GalleryStore(config.gallery) as store:
+        with open_store(config.gallery) as store:
             if name not in {i.name for i in store.identities()}:
                 raise ApiError(404, "not_found", f"{name!r} is not enrolled")
             images = store.remove(name)
+        replica.catch_up()
         folder = kept_folder(name)
         files = 0
         if folder.is_dir():
@@ -642,6 +667,15 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         return RemovedOut(removed=name, images=images, files=files)
 
     return app
+
+
+def _default_keep_dir(gallery: GalleryAddress) -> Path:
+    """GALLERY.images beside a gallery file; for a database, DBNAME.images in the working
+    folder (replicas on several machines need --keep-dir on a shared file system)."""
+    if is_postgres_address(gallery):
+        return Path(str(gallery).rsplit("/", 1)[-1].split("?")[0] + ".images")
+    path = Path(gallery)
+    return path.with_name(path.name + ".images")
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -1,0 +1,239 @@
+"""Two real `facelab serve` replicas over one PostgreSQL gallery: changes on one are answered by
+the other, and faults (a replica killed mid-enrollment, PostgreSQL restarted under load, both
+replicas enrolling one name at once, connections closed by the server) lose nothing, leave
+nothing half-written, and every client gets an answer saying what happened.
+
+Latency is measured by benchmarks/pg_replicas.py, not asserted here (beyond "eventually")."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from postgres import Cluster, Replica, postgres_cluster  # noqa: F401 (a fixture)
+from serving import png, tiny_model, upload
+
+from facelab.gallery.backends import open_store
+from facelab.models.checkpoint import save_checkpoint
+
+httpx = pytest.importorskip("httpx")
+IMAGES_PER_PERSON = 3
+
+
+class Pair:
+    """Replicas a and b over one fresh database; `restart_a` after a kill."""
+
+    def __init__(self, cluster: Cluster, checkpoint: Path, logs: Path) -> None:
+        self.cluster = cluster
+        self.gallery = cluster.new_database()
+        self.checkpoint = str(checkpoint)
+        self.logs = logs
+        self.a = Replica(self.gallery, self.checkpoint, log=logs / "a.log")
+        self.b = Replica(self.gallery, self.checkpoint, log=logs / "b.log")
+
+    def restart_a(self) -> None:
+        self.a = Replica(self.gallery, self.checkpoint, log=self.logs / "a2.log")
+
+    def close(self) -> None:
+        for replica in (self.a, self.b):
+            if replica.proc.poll() is None:
+                replica.stop()
+
+
+@pytest.fixture(scope="module")
+def pair(
+    postgres_cluster: Cluster,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Pair]:
+    folder = tmp_path_factory.mktemp("replicas")
+    checkpoint = save_checkpoint(folder / "tiny.pt", tiny_model())
+    pair = Pair(postgres_cluster, checkpoint, folder)
+    yield pair
+    pair.close()
+
+
+def enroll(url: str, name: str, seed: int, count: int = IMAGES_PER_PERSON) -> httpx.Response:
+    files = [upload("images", png(seed * 100 + i)) for i in range(count)]
+    return httpx.post(f"{url}/v1/enroll", data={"name": name}, files=files, timeout=60)
+
+
+def top_match(url: str, seed: int) -> tuple[str, httpx.Response]:
+    """The best candidate for image 0 of person `seed` (threshold -1: always a candidate)."""
+    r = httpx.post(
+        f"{url}/v1/identify",
+        data={"threshold": "-1", "k": "1"},
+        files=[upload("image", png(seed * 100))],
+        timeout=60,
+    )
+    return (r.json()["faces"][0]["identity"] if r.status_code == 200 else ""), r
+
+
+def stored(pair: Pair) -> dict[str, int]:
+    with open_store(pair.gallery) as store:
+        return {i.name: i.images for i in store.identities()}
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_enrollment_and_removal_on_one_are_answered_by_the_other(pair: Pair) -> None:
+    assert enroll(pair.a.url, "sync_0", 1).status_code == 200
+    wait_for(lambda: top_match(pair.b.url, 1)[0] == "sync_0")
+    name, reply = top_match(pair.b.url, 1)
+    assert reply.headers["X-Gallery-Stale"] == "false"
+    revision = int(reply.headers["X-Gallery-Revision"])
+    info = httpx.get(f"{pair.b.url}/v1/info").json()["gallery"]
+    assert info["backend"] == "postgresql" and info["stale"] is False
+    assert info["revision"] >= revision
+    # The replica that enrolled answers with it at once (read-your-writes).
+    assert enroll(pair.b.url, "sync_1", 2).status_code == 200
+    assert top_match(pair.b.url, 2)[0] == "sync_1"
+    assert httpx.delete(f"{pair.b.url}/v1/identities/sync_0").status_code == 200
+    wait_for(lambda: top_match(pair.a.url, 1)[0] != "sync_0")
+
+
+def race(replicas: list[Replica], name: str, seeds: list[int]) -> list[httpx.Response]:
+    """Both replicas asked to enroll `name` at the same moment (different images)."""
+    start = threading.Barrier(len(replicas))
+    replies: list[httpx.Response] = [None] * len(replicas)  # type: ignore[list-item]
+
+    def post(i: int) -> None:
+        files = [upload("images", png(seeds[i]))]
+        start.wait()
+        replies[i] = httpx.post(
+            f"{replicas[i].url}/v1/enroll", data={"name": name}, files=files, timeout=60
+        )
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(len(replicas))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return replies
+
+
+def test_two_replicas_enrolling_one_name_at_once_exactly_one_wins(pair: Pair) -> None:
+    for round_ in range(6):
+        name = f"race_{round_}"
+        replies = race([pair.a, pair.b], name, [1000 + round_, 2000 + round_])
+        codes = sorted(r.status_code for r in replies)
+        assert codes == [200, 409], [r.text for r in replies]
+        loser = next(r for r in replies if r.status_code == 409)
+        assert loser.json()["error"] == "conflict" and name in loser.json()["detail"]
+        assert stored(pair)[name] == 1
+
+
+class Load:
+    """Clients enrolling on replica a (each name once) and identifying on b until stopped;
+    every reply or failure recorded."""
+
+    def __init__(self, pair: Pair, prefix: str, seeds: int) -> None:
+        self.pair, self.prefix, self.seeds = pair, prefix, seeds  # images of name i: seeds + i
+        self.enrolled: dict[str, int | str] = {}  # name -> status code, or the exception
+        self.identified: list[int | str] = []
+        self.details: list[str] = []  # what refused enrollments were told
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._enroll, daemon=True),
+            threading.Thread(target=self._identify, daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _enroll(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            name = f"{self.prefix}_{i}"
+            try:
+                reply = enroll(self.pair.a.url, name, self.seeds + i)
+                self.enrolled[name] = reply.status_code
+                if reply.status_code != 200:
+                    self.enrolled[name] = f"{reply.status_code} {reply.json()['error']}"
+                    self.details.append(reply.json()["detail"])
+            except httpx.TransportError as exc:  # the replica died: no answer, and it says so
+                self.enrolled[name] = type(exc).__name__
+                time.sleep(0.05)
+            i += 1
+
+    def _identify(self) -> None:
+        while not self._stop.is_set():
+            try:
+                reply = top_match(self.pair.b.url, 1)[1]
+                ok = reply.status_code == 200
+                self.identified.append(
+                    200 if ok else f"{reply.status_code} {reply.json()['error']}"
+                )
+            except httpx.TransportError as exc:
+                self.identified.append(type(exc).__name__)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+
+
+def check_after_fault(pair: Pair, load: Load) -> None:
+    """Nothing lost (every acknowledged enrollment stored, and answered by both replicas),
+    nothing half-written (every stored identity complete), every client answered."""
+    told = {200, "503 gallery_unavailable", "ConnectError", "RemoteProtocolError", "ReadError"}
+    assert set(load.enrolled.values()) <= told, set(load.enrolled.values())
+    assert set(load.identified) <= told, set(load.identified)
+    gallery = stored(pair)
+    for name, outcome in load.enrolled.items():
+        if outcome == 200:
+            assert gallery.get(name) == IMAGES_PER_PERSON, name
+    mine = {n: c for n, c in gallery.items() if n.startswith(load.prefix)}
+    assert all(c == IMAGES_PER_PERSON for c in mine.values()), mine
+    assert set(mine) <= set(load.enrolled)
+    assert load.enrolled, "the load sent nothing"
+    for replica in (pair.a, pair.b):
+        wait_for(lambda r=replica: not httpx.get(f"{r.url}/v1/info").json()["gallery"]["stale"])
+    last = max(mine, key=lambda n: int(n.rsplit("_", 1)[1]))
+    seed = load.seeds + int(last.rsplit("_", 1)[1])
+    for replica in (pair.a, pair.b):
+        wait_for(lambda r=replica: top_match(r.url, seed)[0] == last)
+        listed = httpx.get(f"{replica.url}/v1/identities").json()["identities"]
+        assert {i["name"]: i["images"] for i in listed} == gallery
+
+
+def test_postgres_restart_under_load(pair: Pair) -> None:
+    load = Load(pair, "restart", seeds=10_000)
+    time.sleep(2)
+    pair.cluster.restart()
+    time.sleep(2)
+    load.stop()
+    assert 200 in load.enrolled.values()
+    check_after_fault(pair, load)
+
+
+def test_connections_closed_by_the_server_under_load(pair: Pair) -> None:
+    load = Load(pair, "terminated", seeds=20_000)
+    for _ in range(5):
+        time.sleep(0.5)
+        pair.cluster.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'facelab'"
+        )
+    time.sleep(1)
+    load.stop()
+    check_after_fault(pair, load)
+
+
+def test_replica_killed_mid_enrollment(pair: Pair) -> None:
+    load = Load(pair, "killed", seeds=30_000)
+    wait_for(lambda: len(load.enrolled) >= 2)
+    time.sleep(np.random.default_rng().uniform(0.0, 0.5))
+    pair.a.kill()
+    time.sleep(0.5)
+    load.stop()
+    assert any(isinstance(o, str) for o in load.enrolled.values())  # the client was told
+    pair.restart_a()
+    check_after_fault(pair, load)
