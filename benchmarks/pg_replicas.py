@@ -1,0 +1,253 @@
+"""Two `facelab serve` replicas over one PostgreSQL gallery, on loopback, real processes:
+
+- sync: an enrollment on replica A, then B is asked (identify, the same image) until it names
+  the new identity; the time from A's reply to B's first right answer, over `--enrollments`.
+- load: clients mixing identify (90 %) and enroll (10 %) for `--seconds`, spread over two
+  replicas on PostgreSQL, against the same clients on one replica over an SQLite file;
+  throughput and p50/p99 per kind.
+- startup: a replica started over a gallery of N identities (synthetic embeddings): seconds
+  until it answers, and its memory (RSS, peak), against the same replica over an empty gallery.
+
+The PostgreSQL cluster is a throwaway one (tests/postgres.py); the model is the tests' tiny
+random MobileFaceNet (128-d here), so the figures are about the gallery, replicas and HTTP,
+not about a network's speed.
+
+    python benchmarks/pg_replicas.py sync load
+    python benchmarks/pg_replicas.py startup --sizes 100000 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the throwaway cluster and replica processes
+
+from postgres import Cluster, Replica  # noqa: E402
+from serving import png, upload  # noqa: E402
+
+from facelab.gallery.backends import open_store  # noqa: E402
+from facelab.gallery.store import EnrolledFace, ModelInfo  # noqa: E402
+from facelab.models.checkpoint import save_checkpoint  # noqa: E402
+from facelab.models.face_model import FaceModel  # noqa: E402
+
+DIM = 128
+
+
+def checkpoint(folder: Path) -> tuple[str, ModelInfo]:
+    torch.manual_seed(0)
+    model = FaceModel.create("mobilefacenet", embedding_dim=DIM, input_size=32).eval()
+    return str(save_checkpoint(folder / "tiny.pt", model)), ModelInfo.of(model)
+
+
+def fill(gallery: str | Path, info: ModelInfo, size: int, chunk: int = 20_000) -> float:
+    """`size` identities of one synthetic unit embedding each; seconds taken."""
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    with open_store(gallery, create=True) as store:
+        for first in range(0, size, chunk):
+            vectors = rng.standard_normal((min(chunk, size - first), DIM), dtype=np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            store.add(
+                {
+                    f"synthetic_{first + i}": [EnrolledFace("-", "-", 0, v)]
+                    for i, v in enumerate(vectors)
+                },
+                info,
+            )
+    return time.perf_counter() - start
+
+
+def percentiles(seconds: list[float]) -> str:
+    if not seconds:
+        return "- | -"
+    p50, p99 = np.percentile(seconds, [50, 99]) * 1000
+    return f"{p50:.1f} | {p99:.1f}"
+
+
+def identify(url: str, seed: int) -> tuple[str, int]:
+    import httpx
+
+    r = httpx.post(
+        f"{url}/v1/identify",
+        data={"threshold": "-1", "k": "1"},
+        files=[upload("image", png(seed))],
+        timeout=60,
+    )
+    return (r.json()["faces"][0]["identity"] if r.status_code == 200 else ""), r.status_code
+
+
+def enroll(url: str, name: str, seed: int) -> int:
+    import httpx
+
+    files = [upload("images", png(seed))]
+    return httpx.post(f"{url}/v1/enroll", data={"name": name}, files=files, timeout=60).status_code
+
+
+def sync(cluster: Cluster, model: str, info: ModelInfo, folder: Path, enrollments: int) -> None:
+    gallery = cluster.new_database()
+    fill(gallery, info, 1000)
+    a = Replica(gallery, model, log=folder / "sync_a.log")
+    b = Replica(gallery, model, log=folder / "sync_b.log")
+    answered, asked_at, polls, plain = [], [], [], []
+    try:
+        for i in range(enrollments):
+            assert enroll(a.url, f"sync_{i}", 10_000 + i) == 200
+            done = time.perf_counter()
+            asked = 0
+            while True:
+                sent = time.perf_counter()
+                asked += 1
+                if identify(b.url, 10_000 + i)[0] == f"sync_{i}":
+                    break
+                if sent - done > 30:
+                    raise RuntimeError(f"replica B never answered sync_{i}")
+            answered.append(time.perf_counter() - done)
+            asked_at.append(sent - done)
+            polls.append(asked)
+            start = time.perf_counter()  # the same request once more: identify's own time
+            identify(b.url, 10_000 + i)
+            plain.append(time.perf_counter() - start)
+    finally:
+        a.stop()
+        b.stop()
+    print(f"\n## sync: enrollment on A answered by B ({enrollments} enrollments, 1000 enrolled)\n")
+    print("| measure | p50 ms | p99 ms | max ms |")
+    print("| --- | --- | --- | --- |")
+    for name, values in (
+        ("A's reply -> B's first right answer", answered),
+        ("A's reply -> sending the request B answered right", asked_at),
+        ("one identify request to B (no change pending)", plain),
+    ):
+        ms = np.array(values) * 1000
+        print(f"| {name} | {percentiles(values)} | {ms.max():.1f} |")
+    print(f"\nidentify requests to B per enrollment: mean {np.mean(polls):.2f}, max {max(polls)}")
+
+
+def run_load(urls: list[str], clients: int, seconds: float, tag: str) -> dict[str, list]:
+    """Clients spread over `urls`; each request identify (90 %) or enroll of a new name."""
+    out: dict[str, list] = {"identify": [], "enroll": [], "errors": []}
+    stop = time.perf_counter() + seconds
+
+    def client(c: int) -> None:
+        rng = np.random.default_rng(c)
+        url = urls[c % len(urls)]
+        i = 0
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            if rng.random() < 0.1:
+                code = enroll(url, f"{tag}_{c}_{i}", 100_000 * (c + 1) + i)
+                kind = "enroll"
+            else:
+                code = identify(url, int(rng.integers(1000)))[1]
+                kind = "identify"
+            (out[kind] if code == 200 else out["errors"]).append(time.perf_counter() - start)
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def load(
+    cluster: Cluster, model: str, info: ModelInfo, folder: Path, args: argparse.Namespace
+) -> None:
+    rows = []
+    gallery = cluster.new_database()
+    fill(gallery, info, 1000)
+    replicas = [Replica(gallery, model, log=folder / f"load_{n}.log") for n in "ab"]
+    try:
+        rows.append(
+            (
+                "2 replicas + PostgreSQL",
+                run_load([r.url for r in replicas], args.clients, args.seconds, "pg"),
+            )
+        )
+    finally:
+        for r in replicas:
+            r.stop()
+    sqlite = folder / "load.db"
+    fill(sqlite, info, 1000)
+    replica = Replica(str(sqlite), model, log=folder / "load_sqlite.log")
+    try:
+        rows.append(
+            ("1 replica + SQLite", run_load([replica.url], args.clients, args.seconds, "sq"))
+        )
+    finally:
+        replica.stop()
+    print(f"\n## load: {args.clients} clients, {args.seconds:.0f} s, 90 % identify / 10 % enroll\n")
+    print("| setup | requests/s | identify p50 ms | p99 ms | enroll p50 ms | p99 ms | errors |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, out in rows:
+        done = len(out["identify"]) + len(out["enroll"])
+        print(
+            f"| {name} | {done / args.seconds:.1f} | {percentiles(out['identify'])} "
+            f"| {percentiles(out['enroll'])} | {len(out['errors'])} |",
+            flush=True,
+        )
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def startup(
+    cluster: Cluster, model: str, info: ModelInfo, folder: Path, sizes: list[int], search: str
+) -> None:
+    print(f"\n## startup: one replica (--search {search}) over N identities, 128-d\n")
+    print("| identities | fill s | start s | RSS MiB | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- |")
+    for size in [0, *sizes]:
+        gallery = cluster.new_database()
+        filled = fill(gallery, info, size) if size else 0.0
+        replica = Replica(gallery, model, "--search", search, log=folder / f"start_{size}.log")
+        rss, peak = memory_kib(replica.proc.pid)
+        replica.stop()
+        print(
+            f"| {size} | {filled:.0f} | {replica.startup_seconds:.1f} | {rss / 1024:.0f} "
+            f"| {peak / 1024:.0f} |",
+            flush=True,
+        )
+        cluster.sql(f"DROP DATABASE {gallery.rsplit('/', 1)[1]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("parts", nargs="+", choices=("sync", "load", "startup"))
+    parser.add_argument("--enrollments", type=int, default=50)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000])
+    parser.add_argument("--search", default="exact")
+    args = parser.parse_args()
+    cluster = Cluster()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            model, info = checkpoint(folder)
+            if "sync" in args.parts:
+                sync(cluster, model, info, folder, args.enrollments)
+            if "load" in args.parts:
+                load(cluster, model, info, folder, args)
+            if "startup" in args.parts:
+                startup(cluster, model, info, folder, args.sizes, args.search)
+    finally:
+        cluster.close()
+
+
+if __name__ == "__main__":
+    main()
