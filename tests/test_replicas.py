@@ -100,6 +100,25 @@ def test_enrollment_and_removal_on_one_are_answered_by_the_other(pair: Pair) -> 
     wait_for(lambda: top_match(pair.a.url, 1)[0] != "sync_0")
 
 
+def test_replica_says_it_is_stale_while_the_database_is_down(pair: Pair) -> None:
+    assert enroll(pair.a.url, "before_outage", 3).status_code == 200
+    pair.cluster.stop()
+    try:
+        wait_for(lambda: httpx.get(f"{pair.b.url}/healthz").headers["X-Gallery-Stale"] == "true")
+        info = httpx.get(f"{pair.b.url}/v1/info").json()["gallery"]
+        assert info["stale"] is True and info["stale_since"] > 0
+        assert pair.gallery.rsplit("/", 1)[0] in info["reason"]
+        name, reply = top_match(pair.b.url, 3)
+        assert reply.status_code == 503 and reply.json()["error"] == "gallery_unavailable"
+        reply = enroll(pair.a.url, "during_outage", 4)
+        assert reply.status_code == 503 and "cannot connect" in reply.json()["detail"]
+    finally:
+        pair.cluster.start()
+    wait_for(lambda: httpx.get(f"{pair.b.url}/healthz").headers["X-Gallery-Stale"] == "false")
+    assert top_match(pair.b.url, 3)[0] == "before_outage"
+    assert "during_outage" not in stored(pair)
+
+
 def race(replicas: list[Replica], name: str, seeds: list[int]) -> list[httpx.Response]:
     """Both replicas asked to enroll `name` at the same moment (different images)."""
     start = threading.Barrier(len(replicas))

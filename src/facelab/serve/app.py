@@ -403,9 +403,9 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         response.headers["X-Content-Type-Options"] = "nosniff"
         if request.url.path.startswith("/v1/"):
             response.headers["Cache-Control"] = "no-store"
-            status = replica.status()  # the index identify answered from; stale: maybe old
-            response.headers["X-Gallery-Revision"] = str(status.revision)
-            response.headers["X-Gallery-Stale"] = "true" if status.stale else "false"
+        status = replica.status()  # the index identify answers from; stale: maybe behind
+        response.headers["X-Gallery-Revision"] = str(status.revision)
+        response.headers["X-Gallery-Stale"] = "true" if status.stale else "false"
         return response
 
     # -- routes ---------------------------------------------------------------------------------
