@@ -115,8 +115,11 @@ class _Connection:
         self._upsert: dict[str, str] = {}
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> Any:
+        # Rows of queries in binary (embeddings as raw bytes, not hex text: a snapshot reads
+        # faster); other statements as text, which also allows several in one string.
+        binary = sql.lstrip().upper().startswith("SELECT")
         with self._errors():
-            return self.raw.execute(self._translate(sql), params)
+            return self.raw.cursor(binary=binary).execute(self._translate(sql), params)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         with self._errors(), self.raw.cursor() as cursor:
