@@ -38,6 +38,7 @@ class ReplicaStatus:
     stale: bool  # True while it cannot confirm it has every committed change
     stale_since: float | None  # when it lost the database (Unix time)
     reason: str | None  # why, while stale
+    updated_at: float | None  # when its index last took in a change (Unix time)
 
 
 class GalleryReplica(GallerySearch):
@@ -65,6 +66,7 @@ class GalleryReplica(GallerySearch):
         self._stop = threading.Event()
         self._loaded = threading.Event()
         self._stale_since: float | None = time.time()
+        self._updated_at: float | None = None
         self._reason: str | None = "starting"
         self._backend = "sqlite"
         self._thread = threading.Thread(target=self._follow, name="gallery-replica", daemon=True)
@@ -86,6 +88,7 @@ class GalleryReplica(GallerySearch):
             self._stale_since is not None,
             self._stale_since,
             self._reason,
+            self._updated_at,
         )
 
     def catch_up(self, timeout: float = 5.0) -> bool:
@@ -155,5 +158,6 @@ class GalleryReplica(GallerySearch):
         with self._passed:
             if change is not None:
                 self.apply(change)
+                self._updated_at = time.time()
             self._passes_done = number
             self._passed.notify_all()
