@@ -11,7 +11,8 @@ the gallery has the anisotropic spectrum of real embeddings and each probe diffe
 mate as a second real photo does, which uniform random vectors (bench_gallery.py) do not.
 
     python benchmarks/search_1m.py                             # 1M, IVF sweep
-    python benchmarks/search_1m.py --size 100000 --hnsw        # with HNSW too
+    python benchmarks/search_1m.py --nlist --sq8-nlist 1024 4096 --nprobe 64 128 256 512
+    python benchmarks/search_1m.py --nlist --hnsw --ef-search 64 128 256 512 1024
 
 Latency is per single query (batch of 1), one thread (`--threads`), on a shared machine.
 """
@@ -83,7 +84,19 @@ def real_like(
     return gallery, probes, order
 
 
-def timed(index: ExactIndex | FaissIndex, probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+class _Faiss:
+    """A bare FAISS index behind the `search(queries, k)` of facelab's indexes."""
+
+    def __init__(self, index: object) -> None:
+        self.index = index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(queries, k)
+
+
+def timed(
+    index: ExactIndex | FaissIndex | _Faiss, probes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(top-1 rows, per-query seconds), one query at a time."""
     rows, seconds = np.empty(len(probes), np.int64), np.empty(len(probes))
     for i, probe in enumerate(probes):
@@ -117,6 +130,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--nlist", type=int, nargs="*", default=[1024, 4096])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    parser.add_argument(
+        "--sq8-nlist", type=int, nargs="*", default=[], help="also IVF with 8-bit codes"
+    )
     parser.add_argument("--hnsw", action="store_true", help="also HNSW (slow to build)")
     parser.add_argument("--ef-search", type=int, nargs="+", default=[32, 64, 128, 256])
     parser.add_argument("--min-images", type=int, default=4)
@@ -151,6 +167,25 @@ def main() -> None:
             rows, seconds = timed(ivf, probes)
             report(f"ivf nlist={nlist} nprobe={nprobe}", build, rows, seconds, truth, mates)
         del ivf
+    for nlist in args.sq8_nlist:  # not a facelab method (yet): FAISS directly
+        import faiss
+
+        start = time.perf_counter()
+        sq8 = faiss.IndexIVFScalarQuantizer(
+            faiss.IndexFlatIP(gallery.shape[1]),
+            gallery.shape[1],
+            nlist,
+            faiss.ScalarQuantizer.QT_8bit,
+            faiss.METRIC_INNER_PRODUCT,
+        )
+        sample = np.random.default_rng(0).choice(len(gallery), 64 * nlist, replace=False)
+        sq8.train(gallery[sample])
+        sq8.add(gallery)
+        build = time.perf_counter() - start
+        for nprobe in args.nprobe:
+            sq8.nprobe = nprobe
+            rows, seconds = timed(_Faiss(sq8), probes)
+            report(f"ivf-sq8 nlist={nlist} nprobe={nprobe}", build, rows, seconds, truth, mates)
     if args.hnsw:
         start = time.perf_counter()
         hnsw = FaissIndex(gallery, "hnsw", hnsw_m=32, ef_construction=40)
