@@ -217,8 +217,7 @@ def enroll_people(
     info = ModelInfo.of(model)
     with _opened(gallery, create=True) as store:
         store.check_model(info)
-        enrolled_before = {i.name for i in store.identities()}
-        clash = sorted(set(names.values()) & enrolled_before)
+        clash = sorted(name for name in set(names.values()) if store.contains(name))
         if clash and not append:
             raise GalleryConflict(
                 f"{store.path}: already enrolled: {', '.join(map(repr, clash))}; "

@@ -344,6 +344,15 @@ class GalleryStore:
             raise GalleryError(f"{self.path}: {name!r} is not enrolled")
         return int(row[0])
 
+    def contains(self, name: str) -> bool:
+        """Whether `name` is enrolled: one indexed lookup, not a listing of the gallery."""
+        row = self._conn.execute("SELECT 1 FROM identities WHERE name = ?", (name,)).fetchone()
+        return row is not None
+
+    def is_empty(self) -> bool:
+        """Whether no embedding is stored (nothing to search)."""
+        return self._conn.execute("SELECT 1 FROM images LIMIT 1").fetchone() is None
+
     def identities(self) -> list[IdentityInfo]:
         rows = self._conn.execute(
             "SELECT identities.name, count(images.id), identities.created FROM identities "

@@ -523,7 +523,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     def claim(opts: VerifyOptions, uploads: list[Upload]) -> VerifyOut:
         images = decode_uploads(uploads, config.max_pixels)
         with open_store(config.gallery) as store:
-            if opts.identity not in {i.name for i in store.identities()}:
+            if not store.contains(opts.identity):
                 raise ApiError(404, "not_found", f"{opts.identity!r} is not enrolled")
             result = verify_claim(
                 store,
@@ -555,7 +555,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             images = decode_uploads(uploads, config.max_pixels)
             with open_store(config.gallery) as store:
                 chosen = resolve_threshold(store, opts.threshold, opts.far)
-                if not store.identities():
+                if store.is_empty():
                     raise ApiError(422, "empty_gallery", "nobody is enrolled yet")
                 results = identify(
                     store,
@@ -598,7 +598,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     def enroll_uploads(opts: EnrollOptions, uploads: list[Upload]) -> EnrollOut:
         images = decode_uploads(uploads, config.max_pixels)  # refuse bad images before keeping
         with open_store(config.gallery) as store:
-            if not opts.append and opts.name in {i.name for i in store.identities()}:
+            if not opts.append and store.contains(opts.name):
                 raise ApiError(409, "conflict", f"{opts.name!r} is already enrolled")
         kept: list[Path] = []
         items: list[Any] = images
@@ -655,7 +655,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     def remove(name: Annotated[str, PathParam(pattern=NAME_PATTERN)]) -> RemovedOut:
         """Delete an identity, its embeddings and the image files kept for it."""
         with open_store(config.gallery) as store:
-            if name not in {i.name for i in store.identities()}:
+            if not store.contains(name):
                 raise ApiError(404, "not_found", f"{name!r} is not enrolled")
             images = store.remove(name)
         replica.catch_up()
