@@ -167,7 +167,9 @@ def _model_source(args: argparse.Namespace) -> str:
     from facelab.gallery import GalleryStore
 
     if args.model:
-        return str(Path(args.model).resolve()) if Path(args.model).is_file() else args.model
+        if api.is_model_name(args.model) or not Path(args.model).is_file():
+            return args.model
+        return str(Path(args.model).resolve())
     if not Path(args.gallery).is_file():
         raise SystemExit(f"{args.gallery}: no gallery yet; give --model to make one")
     with GalleryStore(args.gallery) as store:
@@ -431,7 +433,8 @@ def _export(args: argparse.Namespace) -> None:
     from facelab.models.export import export_onnx
 
     if args.format == "checkpoint":  # a checkpoint file is read once, for its model and run
-        run = load_checkpoint(args.model) if Path(args.model).is_file() else None
+        is_file = Path(args.model).is_file() and not api.is_model_name(args.model)
+        run = load_checkpoint(args.model) if is_file else None
         model = model_from_checkpoint(run) if run else api.load_model(args.model)
         print(save_model_checkpoint(args.out, model, run))
         return
