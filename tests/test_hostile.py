@@ -5,17 +5,27 @@ Each test failed before its fix; all run in seconds."""
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import random
 import re
 import shlex
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
+import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import uvicorn
 from fastapi.testclient import TestClient
 from httpx import Response
 from PIL import Image
@@ -26,9 +36,12 @@ from facelab import api
 from facelab.cli import _model_source, main
 from facelab.gallery import GalleryStore, enroll
 from facelab.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from facelab.models.detectors.mtcnn import Detections
 from facelab.models.face_model import FaceModel
+from facelab.models.preprocess import Preprocess
+from facelab.models.registry import DETECTORS
 from facelab.serve import ApiKeys, KeyConfigError, ServeConfig, create_app
-from facelab.serve.security import FailureLimiter
+from facelab.serve.security import FailureLimiter, HeaderTimeoutProtocol
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -301,3 +314,239 @@ def test_a_gallery_locked_by_another_process_is_busy(model: FaceModel, tmp_path:
             holder.execute("ROLLBACK")
             holder.close()
         assert post_enroll(client, "Alan", WRITE, seed=1).status_code == 200
+
+
+# -- 3. bounded work per request -------------------------------------------------------------------
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A few KB that declare width x height pixels (a 1-bit blank image)."""
+    buf = io.BytesIO()
+    Image.new("1", (width, height), 1).save(buf, "PNG", optimize=True)
+    return buf.getvalue()
+
+
+class GridDetector:
+    """Finds `faces` small faces on a grid in any image, recording the shapes it was given and
+    taking `seconds` per call (a detector's cost)."""
+
+    def __init__(self, faces: int, seconds: float = 0.0) -> None:
+        self.faces, self.seconds, self.shapes = faces, seconds, []
+
+    def detect(self, images: list[np.ndarray]) -> list[Detections]:
+        time.sleep(self.seconds)
+        out = []
+        for image in images:
+            self.shapes.append(image.shape)
+            h, w = image.shape[:2]
+            side = min(h, w) / 10
+            boxes = np.array(
+                [[(i % 8) * side, (i // 8) * side, (i % 8 + 1) * side, (i // 8 + 1) * side]
+                 for i in range(self.faces)],
+                np.float32,
+            )  # fmt: skip
+            centre = (boxes[:, None, :2] + boxes[:, None, 2:]) / 2
+            marks = centre + np.array([[-2, -2], [2, -2], [0, 0], [-2, 2], [2, 2]], np.float32)
+            out.append(Detections(boxes, np.ones(self.faces, np.float32), marks))
+        return out
+
+
+def aligned_model() -> FaceModel:
+    template = tuple(
+        (x * 32, y * 32) for x, y in ((0.3, 0.4), (0.7, 0.4), (0.5, 0.6), (0.35, 0.8), (0.65, 0.8))
+    )
+    torch.manual_seed(0)
+    preprocess = Preprocess(size=32, alignment="five_point", template=template)
+    return FaceModel.create(
+        "mobilefacenet", preprocess=preprocess, embedding_dim=32, input_size=32
+    ).eval()
+
+
+def with_detector(monkeypatch: pytest.MonkeyPatch, detector: GridDetector) -> None:
+    monkeypatch.setattr(DETECTORS, "create", lambda name, **_: detector)
+
+
+def test_a_request_over_its_pixel_budget_is_refused_unread(
+    model: FaceModel, tmp_path: Path
+) -> None:
+    big = blank_png(2000, 2000)  # 4 Mpx in about a kilobyte
+    assert len(big) < 5000
+    with serve(model, tmp_path, max_request_pixels=10_000_000) as client:
+        files = [upload("images", big) for _ in range(3)]
+        r = client.post("/v1/enroll", data={"name": "Ada"}, files=files, headers=WRITE)
+        assert r.status_code == 413 and "pixel limit of one request" in r.json()["detail"]
+        assert enrolled(client, READ) == []
+        ok = client.post("/v1/enroll", data={"name": "Ada"}, files=files[:2], headers=WRITE)
+        assert ok.status_code == 200
+
+
+def test_images_are_reduced_before_detection_and_faces_capped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    detector = GridDetector(faces=50)
+    with_detector(monkeypatch, detector)
+    with serve(aligned_model(), tmp_path, max_side=1000, max_faces=7) as client:
+        r = client.post(
+            "/v1/embed",
+            data={"all_faces": "true"},
+            files=[upload("image", blank_png(4000, 3000))],
+            headers=READ,
+        )
+    assert r.status_code == 200, r.text
+    assert detector.shapes == [(750, 1000, 3)]
+    faces = r.json()["faces"]
+    assert len(faces) == 7
+    side = 75 * 4  # a detected face's side at working size, in original pixels
+    assert all(f["box"][2] - f["box"][0] == pytest.approx(side, rel=1e-3) for f in faces)
+    assert max(f["box"][3] for f in faces) > 750  # original coordinates, not working ones
+
+
+def test_a_request_over_its_time_limit_stores_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with_detector(monkeypatch, GridDetector(faces=1, seconds=0.5))
+    with serve(aligned_model(), tmp_path, request_seconds=0.2) as client:
+        r = post_enroll(client, "Ada", WRITE)
+        assert (r.status_code, r.json()["error"]) == (503, "timeout")
+        assert "at detection" in r.json()["detail"]
+        assert enrolled(client, READ) == []
+
+
+# -- stalled connections ---------------------------------------------------------------------------
+
+
+class QuickHeaderTimeout(HeaderTimeoutProtocol):
+    header_timeout = 0.5
+
+
+@contextmanager
+def uvicorn_server(app: object) -> Iterator[int]:
+    """`app` served as `facelab serve` serves it (its h11 protocol), on a free loopback port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, http=QuickHeaderTimeout, log_level="warning")  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def closed_by_server(conn: socket.socket, within: float) -> bool:
+    conn.settimeout(within)
+    try:
+        while data := conn.recv(4096):
+            if b"408" in data:
+                return True
+        return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_stalled_connections_are_closed(model: FaceModel, tmp_path: Path) -> None:
+    config = ServeConfig(gallery=tmp_path / "g.db", keys=KEYS, read_seconds=0.5)
+    with uvicorn_server(create_app(model, config)) as port:
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(25)]
+        partial = [socket.create_connection(("127.0.0.1", port)) for _ in range(25)]
+        for conn in partial:
+            conn.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Api-")
+        trickle = socket.create_connection(("127.0.0.1", port))
+        trickle.sendall(
+            b"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + RO.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"ima"
+        )  # fmt: skip
+        assert all(closed_by_server(c, within=5) for c in silent + partial)
+        reply = b""
+        trickle.settimeout(5)
+        while chunk := trickle.recv(4096):
+            reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        for conn in [*silent, *partial, trickle]:
+            conn.close()
+
+
+# -- 4. kept photos and gallery rows are one unit, even across a kill -----------------------------
+
+CRASHING_ENROLL = """
+import os, signal, sys
+from pathlib import Path
+from fastapi.testclient import TestClient
+from serving import KEYS, WRITE, png, tiny_model, upload
+import facelab.serve.app as served
+from facelab.serve import ServeConfig, create_app
+
+root, name, point = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+config = ServeConfig(gallery=root / "g.db", keys=KEYS, keep_dir=root / "kept")
+client = TestClient(create_app(tiny_model(), config))
+def keep(name, *seeds, **extra):
+    files = [upload("images", png(s)) for s in seeds]
+    data = {"name": name, "keep_images": "true", **extra}
+    return client.post("/v1/enroll", data=data, files=files, headers=WRITE)
+assert keep("Ada", 0).status_code == 200
+def kill(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+if point == "before_commit":
+    served.enroll = kill
+else:
+    served.kept.settle = kill
+keep(name, 1, 2, append="true")
+"""
+
+
+def run_until_killed(root: Path, name: str, point: str) -> None:
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)])}
+    done = subprocess.run(
+        [sys.executable, "-c", CRASHING_ENROLL, str(root), name, point],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
+
+
+def orphans(gallery: Path, keep_dir: Path) -> list[Path]:
+    """Kept files no gallery row refers to (by name folder and image sha256)."""
+    with GalleryStore(gallery) as store:
+        rows = {
+            i.name: {sha[:24] for _, sha, _ in store.images(i.name)} for i in store.identities()
+        }
+    return [
+        p
+        for p in keep_dir.rglob("*")
+        if p.is_file() and p.name.split(".", 1)[0] not in rows.get(p.parent.name, set())
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "point", "after"),
+    [
+        ("Bob", "before_commit", {"Ada": 1}),  # a new name: nothing enrolled, nothing kept
+        ("Bob", "after_commit", {"Ada": 1, "Bob": 2}),  # enrolled: its photos stay, deletable
+        ("Ada", "before_commit", {"Ada": 1}),  # append cut short: Ada's own photo only
+    ],
+)
+def test_a_kill_mid_enrollment_leaves_no_photo_without_a_row(
+    model: FaceModel, tmp_path: Path, name: str, point: str, after: dict[str, int]
+) -> None:
+    run_until_killed(tmp_path, name, point)
+    leftovers = orphans(tmp_path / "g.db", tmp_path / "kept")
+    assert leftovers  # what the kill left: photos no row refers to (pending names)
+    config = ServeConfig(gallery=tmp_path / "g.db", keys=KEYS, keep_dir=tmp_path / "kept")
+    with TestClient(create_app(model, config)) as client:  # start-up reconciles
+        assert orphans(tmp_path / "g.db", tmp_path / "kept") == []
+        files = Counter(p.parent.name for p in (tmp_path / "kept").rglob("*") if p.is_file())
+        assert files == after
+        for person, count in after.items():
+            r = client.delete(f"/v1/identities/{person}", headers=WRITE)
+            assert r.status_code == 200 and r.json()["files"] == count, r.text
+        assert client.delete("/v1/identities/Bob", headers=WRITE).status_code == 404
+        assert list((tmp_path / "kept").rglob("*")) == []
