@@ -272,7 +272,7 @@ class HealthOut(BaseModel):
 
 ERRORS = {
     401: "no API key, or an unknown one",
-    403: "a read-only key on a write endpoint",
+    403: "a read-only key on a write endpoint, or a request made by a page of another site",
     404: "no such identity",
     408: "the body did not arrive in time",
     409: "the name is already enrolled",
@@ -497,7 +497,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     def operation(spec: BodySpec, *codes: int) -> dict[str, Any]:
         return {
             "openapi_extra": {"requestBody": spec.openapi(config.max_images)},
-            "responses": _responses(401, 403, 413, 415, 422, *codes),
+            "responses": _responses(401, 403, 408, 413, 415, 422, 429, 503, *codes),
         }
 
     @app.get("/healthz", response_model=HealthOut)
@@ -508,7 +508,9 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": page_policy})
 
-    @app.get("/v1/info", response_model=InfoOut, dependencies=[read], responses=_responses(401))
+    @app.get(
+        "/v1/info", response_model=InfoOut, dependencies=[read], responses=_responses(401, 429)
+    )
     def model_info() -> InfoOut:
         """The served model, batching statistics, limits and the gallery's thresholds."""
         with open_store() as store:
@@ -717,7 +719,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         "/v1/identities",
         response_model=IdentitiesOut,
         dependencies=[read],
-        responses=_responses(401),
+        responses=_responses(401, 429),
     )
     def identities() -> IdentitiesOut:
         with open_store() as store:
@@ -727,7 +729,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         "/v1/identities/{name}",
         response_model=RemovedOut,
         dependencies=[write],
-        responses=_responses(401, 403, 404, 422),
+        responses=_responses(401, 403, 404, 422, 429, 503),
     )
     def remove(name: Annotated[str, PathParam(pattern=NAME_PATTERN)]) -> RemovedOut:
         """Delete an identity, its embeddings and the image files kept for it."""
