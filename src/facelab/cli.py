@@ -477,7 +477,7 @@ def _add_deployment_commands(sub: Any) -> None:
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit")
     p.add_argument("--max-pixels", type=int, default=24_000_000, help="per image, from its header")
     p.add_argument("--max-request-pixels", type=int, default=100_000_000, help="per request")
-    p.add_argument("--max-side", type=int, default=2048, help="images are reduced to this")
+    p.add_argument("--max-side", type=int, default=1280, help="longer side detection sees")
     p.add_argument("--max-faces", type=int, default=20, help="faces embedded per image")
     p.add_argument("--request-seconds", type=float, default=60.0, help="time limit per request")
     p.add_argument(

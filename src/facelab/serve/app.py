@@ -91,7 +91,7 @@ class ServeConfig:
     # bounded work per request (limits.py): pixels of all images, the working size images
     # are reduced to before detection, faces per image, and seconds
     max_request_pixels: int = 100_000_000
-    max_side: int = 2048
+    max_side: int = 1280
     max_faces: int = 20
     request_seconds: float = 60.0
     max_images: int = 10
