@@ -41,6 +41,7 @@ from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import Preprocess
 from facelab.models.registry import DETECTORS
 from facelab.serve import ApiKeys, KeyConfigError, ServeConfig, create_app
+from facelab.serve.app import run
 from facelab.serve.security import FailureLimiter, HeaderTimeoutProtocol
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -550,3 +551,14 @@ def test_a_kill_mid_enrollment_leaves_no_photo_without_a_row(
             assert r.status_code == 200 and r.json()["files"] == count, r.text
         assert client.delete("/v1/identities/Bob", headers=WRITE).status_code == 404
         assert list((tmp_path / "kept").rglob("*")) == []
+
+
+def test_facelab_serve_runs_with_the_header_timeout(
+    model: FaceModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run` (what `facelab serve` calls) hands uvicorn the protocol tested above."""
+    given: dict[str, object] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: given.update(options))
+    run(model, ServeConfig(gallery=tmp_path / "g.db", keys=KEYS), port=8123)
+    assert given["http"] is HeaderTimeoutProtocol and given["timeout_keep_alive"] == 5
+    assert HeaderTimeoutProtocol.header_timeout == 10.0
