@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("torch", "onnx")
 
 
+def is_model_name(spec: str | Path) -> bool:
+    """Whether `spec` names a registered pretrained model (so it is never read as a file)."""
+    return isinstance(spec, str) and spec in BACKBONES.names()
+
+
 def load_model(
     spec: str | Path, device: str | None = None, runtime: str | None = None
 ) -> FaceModel:
@@ -50,10 +55,10 @@ def load_model(
         if device not in (None, "cpu"):
             raise ValueError(f"runtime 'onnx' runs on the CPU, not {device!r}")
         return load_onnx(path if path.suffix == ".onnx" else onnx_bytes(load_model(spec)))
-    if path.suffix in (".pt", ".pth") or path.is_file():
-        model = model_from_checkpoint(load_checkpoint(path))
-    elif str(spec) in BACKBONES.names():
+    if is_model_name(spec):  # a name wins over a stray file of that name in the cwd
         model = FaceModel.create(str(spec), pretrained=True)
+    elif path.suffix in (".pt", ".pth") or path.is_file():
+        model = model_from_checkpoint(load_checkpoint(path))
     else:
         raise FileNotFoundError(
             f"{spec}: neither a checkpoint file nor a pretrained model name "

@@ -167,7 +167,9 @@ def _model_source(args: argparse.Namespace) -> str:
     from facelab.gallery import GalleryStore
 
     if args.model:
-        return str(Path(args.model).resolve()) if Path(args.model).is_file() else args.model
+        if api.is_model_name(args.model) or not Path(args.model).is_file():
+            return args.model
+        return str(Path(args.model).resolve())
     if not Path(args.gallery).is_file():
         raise SystemExit(f"{args.gallery}: no gallery yet; give --model to make one")
     with GalleryStore(args.gallery) as store:
@@ -418,6 +420,11 @@ def _serve(args: argparse.Namespace) -> None:
         insecure_local=args.insecure_local,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels,
+        max_request_pixels=args.max_request_pixels,
+        max_side=args.max_side,
+        max_faces=args.max_faces,
+        request_seconds=args.request_seconds,
+        allowed_hosts=tuple(args.allowed_host),
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         keep_dir=Path(args.keep_dir) if args.keep_dir else None,
@@ -431,7 +438,8 @@ def _export(args: argparse.Namespace) -> None:
     from facelab.models.export import export_onnx
 
     if args.format == "checkpoint":  # a checkpoint file is read once, for its model and run
-        run = load_checkpoint(args.model) if Path(args.model).is_file() else None
+        is_file = Path(args.model).is_file() and not api.is_model_name(args.model)
+        run = load_checkpoint(args.model) if is_file else None
         model = model_from_checkpoint(run) if run else api.load_model(args.model)
         print(save_model_checkpoint(args.out, model, run))
         return
@@ -468,6 +476,17 @@ def _add_deployment_commands(sub: Any) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="wait to fill a batch")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit")
     p.add_argument("--max-pixels", type=int, default=24_000_000, help="per image, from its header")
+    p.add_argument("--max-request-pixels", type=int, default=100_000_000, help="per request")
+    p.add_argument("--max-side", type=int, default=1280, help="longer side detection sees")
+    p.add_argument("--max-faces", type=int, default=20, help="faces embedded per image")
+    p.add_argument("--request-seconds", type=float, default=60.0, help="time limit per request")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name clients reach the server by, besides localhost (repeatable)",
+    )
     p.add_argument("--keep-dir", help="where enrollments with keep_images write them")
 
     p = sub.add_parser(

@@ -81,6 +81,10 @@ class GalleryError(ValueError):
     """A gallery operation was refused; the message names the gallery file or the identity."""
 
 
+class GalleryBusy(GalleryError):
+    """Another process held the gallery's write lock for longer than the busy timeout."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What a gallery records of the model its embeddings were made with."""
@@ -225,7 +229,14 @@ class GalleryStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: all of it is committed, or (on any error or a kill) none."""
-        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            raise GalleryBusy(
+                f"{self.path}: gallery busy: another process is writing to it ({exc})"
+            ) from exc
         try:
             yield self._conn
         except BaseException:
