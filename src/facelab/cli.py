@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import logging
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -16,6 +17,7 @@ import yaml
 
 from facelab import api
 from facelab.data.images import ImageError
+from facelab.fileio import check_writable, check_writable_folder
 from facelab.gallery.store import GalleryError
 from facelab.models.checkpoint import (
     CheckpointError,
@@ -80,6 +82,7 @@ def _train(args: argparse.Namespace) -> None:
         cfg = TrainConfig.from_dict(overrides, source="command line")
     if not args.resume and not cfg.data:
         raise SystemExit("facelab train: give --data ROOT (or data: in --config)")
+    check_writable_folder(cfg.out)
     result = train(cfg, resume=args.resume)
     if not result.main_process:  # under torchrun only rank 0 reports
         return
@@ -95,6 +98,8 @@ def _train(args: argparse.Namespace) -> None:
 
 @command("eval")
 def _eval(args: argparse.Namespace) -> None:
+    if args.out:
+        check_writable_folder(args.out)
     model = api.load_model(args.model)
     report = api.evaluate(model, args.trials, args.images_root, flip=args.flip, out_dir=args.out)
     print(json.dumps(report, indent=2))
@@ -107,6 +112,7 @@ def _classify(args: argparse.Namespace) -> None:
 
 @command("embed")
 def _embed(args: argparse.Namespace) -> None:
+    check_writable(args.out)
     model = api.load_model(args.model, runtime=args.runtime)
     result = api.embed_directory(
         model, args.folder, batch_size=args.batch_size, flip=args.flip, fast=not args.eager
@@ -195,6 +201,7 @@ def _enroll(args: argparse.Namespace) -> None:
     from facelab.gallery import enroll, enroll_tree
 
     options = {"append": args.append, "all_faces": args.all_faces, "no_face": args.no_face}
+    check_writable(args.gallery)
     if args.tree and not args.name and not args.images:
         report = enroll_tree(args.gallery, _gallery_model(args), args.tree, **options)
     elif args.name and args.images and not args.tree:
@@ -249,6 +256,7 @@ def _identify(args: argparse.Namespace) -> None:
 def _map(args: argparse.Namespace) -> None:
     from facelab.gallery import map_unknown
 
+    check_writable(args.out)
     result = map_unknown(
         api.load_model(args.model),
         args.known,
@@ -293,9 +301,11 @@ def _gallery(args: argparse.Namespace) -> None:
 def _calibrate(args: argparse.Namespace) -> None:
     from facelab.gallery import calibrate
 
+    model = _gallery_model(args)
+    check_writable(args.gallery)
     threshold = calibrate(
         args.gallery,
-        _gallery_model(args),
+        model,
         args.trials,
         target_far=args.far,
         images_root=args.images_root,
@@ -318,12 +328,14 @@ def _eval_identification(args: argparse.Namespace) -> None:
 @command("predict")
 def _predict(args: argparse.Namespace) -> None:
     columns = parse_columns(args.columns)
+    check_writable(args.out)
     rows = api.predict_folder(args.checkpoint, args.test_dir, args.out, columns, flip=args.flip)
     print(json.dumps({"out": args.out, "images": len(rows)}))
 
 
 @command("score")
 def _score(args: argparse.Namespace) -> None:
+    check_writable(args.out)
     summary = api.score_trial_file(
         api.load_model(args.model),
         args.trials,
@@ -350,6 +362,8 @@ def _data(args: argparse.Namespace) -> None:
     pairs = [s.split("=", 1) for s in args.splits or ["all=."]]
     if any(len(pair) != 2 for pair in pairs):
         raise SystemExit("--splits expects NAME=DIR, e.g. train=train test=test")
+    if args.out:
+        check_writable(args.out)
     check = check_dataset({name: Path(args.root) / d for name, d in pairs}, args.workers)
     if args.out:
         from facelab.fileio import atomic_write_text
@@ -430,6 +444,7 @@ def _serve(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from facelab.models.export import export_onnx
 
+    check_writable(args.out)
     if args.format == "checkpoint":  # a checkpoint file is read once, for its model and run
         run = load_checkpoint(args.model) if Path(args.model).is_file() else None
         model = model_from_checkpoint(run) if run else api.load_model(args.model)
@@ -695,17 +710,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_threads()
     try:
         COMMANDS[args.command](args)
-    except (
-        ImageError,
-        CheckpointError,
-        GalleryError,
-        FileNotFoundError,
-        KeyError,
-        ValueError,
-    ) as exc:
-        log.error("%s", exc)
+    except (ImageError, CheckpointError, GalleryError, OSError, KeyError, ValueError) as exc:
+        log.error("%s", _one_line(exc))
+        return 2
+    except sqlite3.Error as exc:  # a disk or permission fault under the gallery's database
+        log.error("%s: %s", getattr(args, "gallery", "database"), exc)
         return 2
     return 0
+
+
+def _one_line(exc: Exception) -> str:
+    """An OSError as `FILE: reason` (not `[Errno 28] ...`), anything else as its message."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,199 @@
+"""Hardening of the command line and the files it writes (issue 21): disk and permission
+faults, config types, option ranges, identity names, foreign SQLite files, trial-list headers,
+atomic writes, bad files in a folder, and the learning-rate schedule on resume."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from facelab import api
+from facelab.cli import main
+from facelab.fileio import atomic_write_text
+from facelab.models.checkpoint import save_checkpoint
+from facelab.models.face_model import FaceModel
+
+torch.set_num_threads(1)
+
+
+def tiny_model() -> FaceModel:
+    torch.manual_seed(0)
+    return FaceModel.create("mobilefacenet", embedding_dim=32, input_size=32).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt", tiny_model())
+
+
+def write_images(folder: Path, n: int = 3) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        pixels = np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        paths.append(folder / f"{i}.png")
+    return paths
+
+
+def error_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- 7: disk and permission faults ------------------------------------------------------------
+
+
+UNWRITABLE = {
+    # tests run as root, where chmod stops no write: a regular file in the way, and /sys
+    "file_in_the_way": lambda tmp: tmp / "a_file" / "out.npz",
+    "read_only_fs": lambda tmp: Path("/sys/facelab-test/out.npz"),
+}
+
+
+@pytest.mark.parametrize("where", sorted(UNWRITABLE))
+def test_unwritable_output_is_refused_before_any_work(
+    tmp_path: Path,
+    checkpoint: Path,
+    where: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (tmp_path / "a_file").write_text("x")
+    out = UNWRITABLE[where](tmp_path)
+    images = write_images(tmp_path / "images")
+    trials = tmp_path / "trials.csv"
+    trials.write_text(f"{images[0]},{images[1]},1\n{images[0]},{images[2]},0\n")
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the work started before the output was checked")
+
+    monkeypatch.setattr(api, "load_model", no_work)
+    monkeypatch.setattr("facelab.data.check.check_dataset", no_work)
+    commands = {
+        "embed": ["embed", str(tmp_path / "images"), "--out", str(out), "--model", "x"],
+        "score": ["score", "x", str(trials), "--out", str(out)],
+        "eval": ["eval", "x", str(trials), "--out", str(out.parent)],
+        "data check": ["data", "check", str(tmp_path / "images"), "--out", str(out)],
+        "enroll": ["enroll", "--gallery", str(out), "--model", "x", "--name", "a", str(images[0])],
+        "train": ["train", "--data", str(tmp_path / "images"), "--out", str(out.parent)],
+    }
+    for name, argv in commands.items():
+        caplog.clear()
+        assert main(argv) == 2, name
+        (line,) = error_lines(caplog)
+        assert str(out.parent) in line and "cannot write here" in line, (name, line)
+
+
+def test_disk_full_at_write_time_is_one_line_naming_the_file(
+    tmp_path: Path,
+    checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    write_images(tmp_path / "images")
+    out = tmp_path / "out" / "emb.npz"
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)  # the write itself fails after all the work
+    argv = ["embed", str(tmp_path / "images"), "--out", str(out), "--model", str(checkpoint)]
+    assert main([*argv, "--eager"]) == 2
+    assert error_lines(caplog) == [f"{out}: No space left on device"]
+    assert os.listdir(out.parent) == []  # no temporary left behind
+
+
+def test_gallery_database_fault_is_one_line_naming_the_gallery(
+    tmp_path: Path,
+    checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import sqlite3
+
+    from facelab.gallery.store import GalleryStore
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(GalleryStore, "add", full)
+    gallery = tmp_path / "g.db"
+    image = write_images(tmp_path / "images", 1)[0]
+    argv = ["enroll", "--gallery", str(gallery), "--model", str(checkpoint), "--no-face", "centre"]
+    assert main([*argv, "--name", "ada", str(image)]) == 2
+    assert error_lines(caplog) == [f"{gallery}: database or disk is full"]
+
+
+# -- atomic writes ----------------------------------------------------------------------------
+
+
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path: Path) -> None:
+    path = tmp_path / "report.json"
+    path.write_text("old")
+    path.chmod(0o644)
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new" and (path.stat().st_mode & 0o777) == 0o644
+    old_umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "fresh.json", "x")  # a new file: 0666 minus the umask
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "fresh.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_atomic_write_writes_through_a_symbolic_link(tmp_path: Path) -> None:
+    target = tmp_path / "real" / "config.yaml"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "config.yaml"
+    link.symlink_to(target)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+
+
+def test_atomic_write_removes_temporaries_of_a_killed_writer(tmp_path: Path) -> None:
+    path = tmp_path / "out.csv"
+    # a writer killed mid-write (kill -9): its temporary stays, its process is gone
+    child = (
+        "import sys, time\n"
+        "from facelab.fileio import atomic_write\n"
+        "def write(fh):\n"
+        "    fh.write(b'partial'); fh.flush(); print('writing', flush=True); time.sleep(60)\n"
+        "atomic_write(sys.argv[1], write)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, str(path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait(timeout=30)
+    (stale,) = tmp_path.glob(".out.csv.*.tmp")
+    legacy = tmp_path / ".out.csv.abc123.tmp"  # an older facelab's name, without a process id
+    legacy.write_text("x")
+    os.utime(legacy, (0, 0))
+    live = tmp_path / f".out.csv.{os.getppid()}.feed.tmp"  # a writer still running
+    live.write_text("x")
+    other = tmp_path / ".other.csv.1.aaaa.tmp"  # another file's temporary
+    other.write_text("x")
+    atomic_write_text(path, "done")
+    assert path.read_text() == "done"
+    assert not stale.exists() and not legacy.exists()
+    assert live.exists() and other.exists()
+
+
+def test_check_writable_refuses_a_folder(tmp_path: Path) -> None:
+    from facelab.fileio import check_writable
+
+    with pytest.raises(IsADirectoryError, match=str(tmp_path)):
+        check_writable(tmp_path)
