@@ -197,3 +197,55 @@ def test_check_writable_refuses_a_folder(tmp_path: Path) -> None:
 
     with pytest.raises(IsADirectoryError, match=str(tmp_path)):
         check_writable(tmp_path)
+
+
+# -- 8: training config types -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("epochs=abc", "command line: epochs must be an integer, not 'abc'"),
+        ("lr=abc", "command line: lr must be a number, not 'abc'"),
+        ("augment=5", "command line: augment must be a mapping, not 5"),
+        ("image_size=48.5", "command line: image_size must be an integer, not 48.5"),
+        ("amp=1", "command line: amp must be a boolean (true/false), not 1"),
+        ("exclude_people=x.txt", "command line: exclude_people must be a list of strings"),
+        ("lr=.nan", "command line: lr must be a number, not nan"),
+        ("lr=[", "--set lr=[: not a YAML value"),
+    ],
+)
+def test_wrong_config_types_name_field_type_and_value(
+    tmp_path: Path, setting: str, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    argv = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--set", setting]
+    assert main(argv) == 2
+    (line,) = error_lines(caplog)
+    assert line.startswith(message), line
+
+
+def test_config_values_that_fit_are_converted() -> None:
+    from facelab.train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict({"lr": "1e-3", "max_minutes": 5, "eta_min": 0})  # YAML 1.1: str
+    assert (cfg.lr, cfg.max_minutes, cfg.eta_min) == (0.001, 5.0, 0.0)
+    assert isinstance(cfg.max_minutes, float)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"lr: 0.1\nepochs: [1\nx: 2\n", "bad.yaml:3:2: not valid YAML"),
+        (b"lr: \xff\xfe\n", "bad.yaml: not a UTF-8 text file"),
+        (b"epochs: ten\n", "bad.yaml: epochs must be an integer, not 'ten'"),
+    ],
+)
+def test_broken_yaml_config_names_file_and_line(
+    tmp_path: Path, content: bytes, message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(content)
+    argv = ["train", "--config", str(config), "--data", str(tmp_path), "--out", str(tmp_path)]
+    assert main(argv) == 2
+    (line,) = error_lines(caplog)
+    assert line.startswith(str(tmp_path / message)), line

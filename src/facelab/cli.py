@@ -27,6 +27,7 @@ from facelab.models.checkpoint import (
 )
 from facelab.runtime import set_threads
 from facelab.submission import ID_STYLES, SCORE_CHUNK, parse_columns
+from facelab.train.config import yaml_problem
 
 log = logging.getLogger("facelab")
 
@@ -41,9 +42,12 @@ def command(name: str) -> Callable:
     return decorator
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(pair: str, text: str) -> Any:
     """CLI override values are YAML scalars or lists: 0.1, true, [0.8, 1.0], {flip: true}."""
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--set {pair}: not a YAML value ({yaml_problem(exc)})") from None
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -52,7 +56,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise SystemExit(f"--set expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key.replace("-", "_")] = _parse_value(value)
+        out[key.replace("-", "_")] = _parse_value(pair, value)
     return out
 
 
