@@ -5,7 +5,6 @@ atomic writes, bad files in a folder, and the learning-rate schedule on resume."
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import subprocess
@@ -249,3 +248,67 @@ def test_broken_yaml_config_names_file_and_line(
     assert main(argv) == 2
     (line,) = error_lines(caplog)
     assert line.startswith(str(tmp_path / message)), line
+
+
+# -- 9 and --threshold nan: option ranges -----------------------------------------------------
+
+
+def noisy_people(n: int, per_person: int = 2) -> dict[str, list[np.ndarray]]:
+    """n synthetic 'people', each a random pattern with per_person noisy variants."""
+    out = {}
+    for p in range(n):
+        rng = np.random.default_rng(p)
+        base = rng.integers(0, 255, (36, 36, 3))
+        out[f"person_{p}"] = [
+            np.clip(base + rng.integers(-12, 12, base.shape), 0, 255).astype(np.uint8)
+            for _ in range(per_person)
+        ]
+    return out
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from facelab.gallery import enroll_people
+
+    path = tmp_path_factory.mktemp("gallery") / "g.db"
+    enroll_people(path, tiny_model(), noisy_people(3), no_face="centre", progress=False)
+    return path
+
+
+@pytest.mark.parametrize("k", [0, -3])
+def test_identify_k_below_one_is_refused(gallery: Path, k: int) -> None:
+    from facelab.gallery import identify
+
+    probe = noisy_people(1)["person_0"][:1]
+    assert len(identify(gallery, tiny_model(), probe, k=2, threshold=0.5, no_face="centre")) == 1
+    with pytest.raises(ValueError, match=rf"k \(candidates per face\) must be .* >= 1, not {k}"):
+        identify(gallery, tiny_model(), probe, k=k, threshold=0.5, no_face="centre")
+
+
+@pytest.mark.parametrize(
+    "option", [["-k", "0"], ["-k", "-3"], ["--threshold", "nan"], ["--threshold", "inf"]]
+)
+def test_cli_refuses_k_below_one_and_non_finite_thresholds(
+    gallery: Path, tmp_path: Path, option: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = write_images(tmp_path, 1)[0]
+    with pytest.raises(SystemExit) as exit_:
+        main(["identify", "--gallery", str(gallery), *option, str(image)])
+    assert exit_.value.code == 2
+    assert f"argument {option[0]}" in capsys.readouterr().err
+
+
+def test_api_refuses_non_finite_thresholds(gallery: Path) -> None:
+    from facelab.gallery import GalleryStore
+    from facelab.gallery.service import resolve_threshold
+
+    model = tiny_model()
+    image = noisy_people(1)["person_0"][0]
+    with GalleryStore(gallery) as store:
+        assert resolve_threshold(store, threshold=0.5).value == 0.5
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="threshold must be a finite number"):
+                resolve_threshold(store, threshold=bad)
+    assert api.verify(model, image, image, threshold=0.5).same
+    with pytest.raises(ValueError, match="threshold must be a finite number, not nan"):
+        api.verify(model, image, image, threshold=float("nan"))

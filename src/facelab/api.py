@@ -14,7 +14,7 @@ import torch
 
 from facelab.data.folders import IdentityFolder, Sample, list_images
 from facelab.data.trials import Trial, read_trials
-from facelab.eval.metrics import roc_curve, verification_report
+from facelab.eval.metrics import finite, roc_curve, verification_report
 from facelab.fileio import atomic_write, atomic_write_text
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint
 from facelab.models.face_model import FaceModel
@@ -117,6 +117,8 @@ def verify(
     model: FaceModel, a: ImageLike, b: ImageLike, threshold: float | None = None, flip: bool = False
 ) -> Verification:
     """1:1 comparison of two face images by cosine similarity."""
+    if threshold is not None:
+        finite(threshold, "threshold")
     emb = embed(model, [a, b], flip=flip)
     score = float(emb[0] @ emb[1])
     return Verification(score, threshold, None if threshold is None else score >= threshold)

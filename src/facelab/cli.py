@@ -17,6 +17,7 @@ import yaml
 
 from facelab import api
 from facelab.data.images import ImageError
+from facelab.eval.metrics import finite
 from facelab.fileio import check_writable, check_writable_folder
 from facelab.gallery.store import GalleryError
 from facelab.models.checkpoint import (
@@ -597,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_gallery_options(), _model_option(), _search_options()],
     )
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("-k", type=int, default=5, help="candidates per face")
+    p.add_argument("-k", type=_positive_int, default=5, help="candidates per face")
     _threshold_options(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output (default)")
@@ -632,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_gallery_options("centre"), _model_option()],
     )
     p.add_argument("trials", help="LFW pairs file or img1,img2,label CSV")
-    p.add_argument("--far", type=float, default=1e-3, help="target false-accept rate")
+    p.add_argument("--far", type=_finite_float, default=1e-3, help="target false-accept rate")
     p.add_argument("--images-root", help="where relative image paths resolve")
 
     p = sub.add_parser(
@@ -694,12 +695,31 @@ def _search_options() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        return finite(float(text), "the value")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _threshold_options(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--threshold", type=float, help="decision threshold on cosine similarity")
+    group.add_argument(
+        "--threshold", type=_finite_float, help="decision threshold on cosine similarity"
+    )
     group.add_argument(
         "--far",
-        type=float,
+        type=_finite_float,
         help="use the gallery's threshold calibrated for this target FAR "
         "(default: its most recently calibrated one)",
     )

@@ -45,9 +45,9 @@ from facelab.eval.identification import (
     dir_far_curve,
     rank_k_accuracy,
 )
-from facelab.eval.metrics import tpr_at_fpr
+from facelab.eval.metrics import finite, tpr_at_fpr
 from facelab.fileio import atomic_write_csv, atomic_write_text
-from facelab.gallery.search import GallerySearch, Match, identity_rows
+from facelab.gallery.search import GallerySearch, Match, check_k, identity_rows
 from facelab.gallery.store import (
     MEMORY,
     UNKNOWN,
@@ -273,7 +273,9 @@ def resolve_threshold(
     if threshold is not None:
         if far is not None:
             raise ValueError("give a threshold or a target FAR, not both")
-        return Threshold(float(threshold), source="given by the caller")
+        return Threshold(finite(threshold, "threshold"), source="given by the caller")
+    if far is not None:
+        finite(far, "target FAR")
     return store.threshold(far)
 
 
@@ -347,6 +349,7 @@ def identify(
 
     Pass a `GallerySearch` to reuse its index across calls (it rebuilds itself when the
     gallery changes)."""
+    check_k(k)
     with _opened(gallery) as store:
         store.check_model(ModelInfo.of(model))
         chosen = resolve_threshold(store, threshold, far)
