@@ -312,3 +312,88 @@ def test_api_refuses_non_finite_thresholds(gallery: Path) -> None:
     assert api.verify(model, image, image, threshold=0.5).same
     with pytest.raises(ValueError, match="threshold must be a finite number, not nan"):
         api.verify(model, image, image, threshold=float("nan"))
+
+
+# -- 10, 11: identity names -------------------------------------------------------------------
+
+NFC, NFD = "Zo\u00eb", "Zoe\u0308"  # one name, composed and decomposed
+
+
+def fresh_gallery(tmp_path: Path, names: list[str]) -> Path:
+    from facelab.gallery import enroll_people
+
+    people = noisy_people(len(names), per_person=1)
+    path = tmp_path / "g.db"
+    enroll_people(
+        path,
+        tiny_model(),
+        {name: images for name, images in zip(names, people.values(), strict=True)},
+        no_face="centre",
+        progress=False,
+    )
+    return path
+
+
+@pytest.mark.parametrize("new", ["unknown", "Unknown", "", " Bob", "Bob ", "a\tb", "a\nb"])
+def test_rename_applies_the_enroll_name_rules(
+    tmp_path: Path, new: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gallery = fresh_gallery(tmp_path, ["ada"])
+    assert main(["gallery", "rename", "--gallery", str(gallery), "ada", new]) == 2
+    assert main(["gallery", "list", "--gallery", str(gallery)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["ada\t1"]
+
+
+def test_rename_stores_the_nfc_form(tmp_path: Path) -> None:
+    from facelab.gallery import GalleryStore
+
+    gallery = fresh_gallery(tmp_path, ["ada"])
+    with GalleryStore(gallery) as store:
+        store.rename("ada", NFD)
+        assert [i.name for i in store.identities()] == [NFC]
+
+
+@pytest.mark.parametrize("bad", ["Ada ", " Ada", "Ada\tLovelace", "Ada\nL", "unknown", ""])
+def test_enroll_refuses_names_breaking_the_rules(tmp_path: Path, bad: str) -> None:
+    from facelab.gallery import GalleryError
+
+    with pytest.raises(GalleryError, match="cannot be an identity name"):
+        fresh_gallery(tmp_path, [bad])
+    assert not (tmp_path / "g.db").exists()
+
+
+def test_nfc_and_nfd_spellings_are_one_identity(tmp_path: Path) -> None:
+    from facelab.gallery import GalleryError, GalleryStore, enroll
+
+    gallery = fresh_gallery(tmp_path, [NFC])
+    image = noisy_people(2)["person_1"][:1]
+    with pytest.raises(GalleryError, match="already enrolled"):
+        enroll(gallery, tiny_model(), NFD, image, no_face="centre", progress=False)
+    enroll(gallery, tiny_model(), NFD, image, append=True, no_face="centre", progress=False)
+    with GalleryStore(gallery) as store:
+        assert [(i.name, i.images) for i in store.identities()] == [(NFC, 2)]
+
+
+@pytest.mark.parametrize(
+    ("folders", "message"),
+    [
+        (["Ada", "Ada "], "'Ada ' cannot be an identity name (leading or trailing whitespace)"),
+        ([NFC, NFD], f"{NFD!a} and {NFC!a} are one name, {NFC!r}"),
+    ],
+)
+def test_enroll_tree_reports_folders_that_collide(
+    tmp_path: Path,
+    checkpoint: Path,
+    folders: list[str],
+    message: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    root = tmp_path / "people"
+    for name in folders:
+        write_images(root / name, 1)
+    gallery = tmp_path / "g.db"
+    argv = ["enroll", "--gallery", str(gallery), "--model", str(checkpoint), "--tree", str(root)]
+    assert main([*argv, "--no-face", "centre"]) == 2
+    (line,) = error_lines(caplog)
+    assert line.startswith(f"{root}: identity folders: ") and message in line, line
+    assert not gallery.exists()

@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,6 +56,7 @@ from facelab.gallery.store import (
     GalleryStore,
     ModelInfo,
     Threshold,
+    identity_name,
 )
 from facelab.models.detectors.mtcnn import face_order
 from facelab.models.face_model import FaceModel
@@ -204,12 +205,8 @@ def enroll_people(
     """Enroll several people in one transaction: all of them are stored, or (on any error or
     a kill) none. A name already enrolled is refused before anything is embedded unless
     `append`, which adds the new images to it."""
-    names = {name: name.strip() for name in people}
+    names = checked_names(people)
     for raw, name in names.items():
-        if not name or name.casefold() == UNKNOWN:
-            raise GalleryError(
-                f"{raw!r} cannot be an identity name (empty, or the word {UNKNOWN!r})"
-            )
         if not people[raw]:
             raise GalleryError(f"{name!r}: no images to enroll")
     info = ModelInfo.of(model)
@@ -240,6 +237,29 @@ def enroll_people(
         return EnrollReport(store.path, {n: len(v) for n, v in by_name.items()}, skipped)
 
 
+def checked_names(raws: Iterable[str], where: str = "identity names") -> dict[str, str]:
+    """{raw name: identity name} (`identity_name`); every invalid name, and every group of raw
+    names that normalise to one name, is reported at once (GalleryError, led by `where`)."""
+    names: dict[str, str] = {}
+    problems = []
+    for raw in raws:
+        try:
+            names[raw] = identity_name(raw)
+        except GalleryError as exc:
+            problems.append(str(exc))
+    by_name: dict[str, list[str]] = {}
+    for raw, name in names.items():
+        by_name.setdefault(name, []).append(raw)
+    problems += [
+        f"{' and '.join(map(ascii, same))} are one name, {name!r}"
+        for name, same in by_name.items()
+        if len(same) > 1
+    ]
+    if problems:
+        raise GalleryError(f"{where}: {'; '.join(problems)}")
+    return names
+
+
 def enroll(
     gallery: GalleryLike,
     model: FaceModel,
@@ -254,8 +274,10 @@ def enroll(
 def enroll_tree(
     gallery: GalleryLike, model: FaceModel, root: str | Path, **options: Any
 ) -> EnrollReport:
-    """Enroll every identity folder under `root` (one sub-folder per person) at once."""
+    """Enroll every identity folder under `root` (one sub-folder per person) at once; folder
+    names must be valid identity names (`identity_name`), all of them are checked first."""
     folder = IdentityFolder.scan(root)
+    checked_names(folder.identities, where=f"{root}: identity folders")
     people: dict[str, list[Path]] = {name: [] for name in folder.identities}
     for sample in folder.samples:
         people[folder.identities[sample.label]].append(sample.path)

@@ -30,6 +30,7 @@ import json
 import logging
 import sqlite3
 import time
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -79,6 +80,26 @@ CREATE TABLE thresholds (
 
 class GalleryError(ValueError):
     """A gallery operation was refused; the message names the gallery file or the identity."""
+
+
+def identity_name(raw: str) -> str:
+    """The one rule for identity names (enroll, rename): the name NFC-normalised, so that the
+    composed and decomposed spellings of one name are one identity; refused when empty, with
+    leading or trailing whitespace (`Ada ` is not silently `Ada`), with control characters or
+    line breaks (they break line-based listings), or the reserved decision label `unknown`."""
+    name = unicodedata.normalize("NFC", raw) if isinstance(raw, str) else ""
+    bad = [ch for ch in name if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp")]
+    if not name:
+        problem = "empty"
+    elif name != name.strip():
+        problem = "leading or trailing whitespace"
+    elif bad:
+        problem = f"control character {bad[0]!r}"
+    elif name.casefold() == UNKNOWN:
+        problem = f"{UNKNOWN!r} is the label of an unrecognised face"
+    else:
+        return name
+    raise GalleryError(f"{raw!r} cannot be an identity name ({problem})")
 
 
 @dataclass(frozen=True)
@@ -322,6 +343,7 @@ class GalleryStore:
         return count
 
     def rename(self, old: str, new: str) -> None:
+        new = identity_name(new)
         with self._write() as db:
             self._image_count(db, old)
             if db.execute("SELECT 1 FROM identities WHERE name = ?", (new,)).fetchone():
