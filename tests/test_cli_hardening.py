@@ -397,3 +397,90 @@ def test_enroll_tree_reports_folders_that_collide(
     (line,) = error_lines(caplog)
     assert line.startswith(f"{root}: identity folders: ") and message in line, line
     assert not gallery.exists()
+
+
+# -- 12: foreign and read-only SQLite files ---------------------------------------------------
+
+
+def test_another_applications_sqlite_file_is_refused_unchanged(tmp_path: Path) -> None:
+    import sqlite3
+
+    from facelab.gallery import GalleryError, GalleryStore
+
+    other = tmp_path / "app.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE notes (text)")
+        db.execute("INSERT INTO notes VALUES ('keep me')")
+    db.close()
+    before = other.read_bytes()
+    with pytest.raises(GalleryError, match="app.db: an SQLite file, but not a facelab gallery"):
+        GalleryStore(other)
+    assert main(["gallery", "list", "--gallery", str(other)]) == 2
+    assert other.read_bytes() == before  # still in rollback-journal mode, not switched to WAL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
+@pytest.fixture()
+def as_nobody() -> object:
+    """Run a block with the effective user `nobody` (tests run as root, whom no permission
+    stops), then root again."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def block():  # noqa: ANN202
+        os.seteuid(65534)
+        try:
+            yield
+        finally:
+            os.seteuid(0)
+
+    return block
+
+
+def test_read_only_gallery_stays_readable_and_unchanged(
+    as_nobody, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+    import tempfile
+
+    from facelab.gallery import GalleryError, GalleryStore, identify
+
+    folder = Path(tempfile.mkdtemp(prefix="facelab-ro-"))  # not under root's 0700 tmp folder
+    try:
+        folder.chmod(0o755)
+        gallery = fresh_gallery(folder, ["ada", "bob"])
+        gallery.chmod(0o444)
+        folder.chmod(0o555)
+        before = gallery.read_bytes()
+        probe = noisy_people(1)["person_0"][:1]
+        model = tiny_model()
+        with as_nobody():
+            with GalleryStore(gallery) as store:
+                assert store.read_only
+                assert [i.name for i in store.identities()] == ["ada", "bob"]
+                with pytest.raises(GalleryError, match="g.db: the gallery file is read-only"):
+                    store.rename("ada", "eve")
+            (result,) = identify(gallery, model, probe, threshold=0.0, no_face="centre")
+            assert result.identity == "ada"
+            assert main(["gallery", "list", "--gallery", str(gallery)]) == 0
+        assert capsys.readouterr().out.split() == ["ada", "1", "bob", "1"]
+        assert gallery.read_bytes() == before
+        assert sorted(p.name for p in folder.iterdir()) == ["g.db"]
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def test_failed_first_enroll_leaves_no_gallery_file(
+    tmp_path: Path, checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = write_images(tmp_path / "images", 1)[0]
+    bad = tmp_path / "images" / "broken.png"
+    bad.write_bytes(b"not an image")
+    gallery = tmp_path / "g.db"
+    argv = ["enroll", "--gallery", str(gallery), "--model", str(checkpoint), "--no-face", "centre"]
+    assert main([*argv, "--name", "ada", str(good), str(bad)]) == 2
+    assert "broken.png" in error_lines(caplog)[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+    assert main([*argv, "--name", "ada", str(good)]) == 0
+    assert gallery.is_file()

@@ -213,7 +213,8 @@ def _enroll(args: argparse.Namespace) -> None:
         report = enroll(args.gallery, _gallery_model(args), args.name, args.images, **options)
     else:
         raise SystemExit("facelab enroll: give --name NAME IMAGE..., or --tree ROOT")
-    _remember_model(args)
+    if report.enrolled:  # else no gallery file was made
+        _remember_model(args)
     print(json.dumps(asdict(report)))
 
 

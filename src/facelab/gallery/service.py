@@ -204,37 +204,46 @@ def enroll_people(
 ) -> EnrollReport:
     """Enroll several people in one transaction: all of them are stored, or (on any error or
     a kill) none. A name already enrolled is refused before anything is embedded unless
-    `append`, which adds the new images to it."""
+    `append`, which adds the new images to it. A gallery file that does not exist yet is made
+    only when there are faces to store: a failed first enrollment leaves no file behind."""
     names = checked_names(people)
     for raw, name in names.items():
         if not people[raw]:
             raise GalleryError(f"{name!r}: no images to enroll")
     info = ModelInfo.of(model)
-    with _opened(gallery, create=True) as store:
-        store.check_model(info)
-        enrolled_before = {i.name for i in store.identities()}
-        clash = sorted(set(names.values()) & enrolled_before)
-        if clash and not append:
-            raise GalleryError(
-                f"{store.path}: already enrolled: {', '.join(map(repr, clash))}; "
-                f"pass append to add images to them"
-            )
-        owners = [name for raw, name in names.items() for _ in people[raw]]
-        items = [item for raw in names for item in people[raw]]
-        faces = find_faces(
-            model, items, all_faces=all_faces, no_face=no_face, detector=detector, progress=progress
+    if isinstance(gallery, GalleryStore) or Path(gallery).is_file():
+        with _opened(gallery) as store:  # refuse early, before the embedding work
+            _check_enrollable(store, info, set(names.values()), append)
+    owners = [name for raw, name in names.items() for _ in people[raw]]
+    items = [item for raw in names for item in people[raw]]
+    faces = find_faces(
+        model, items, all_faces=all_faces, no_face=no_face, detector=detector, progress=progress
+    )
+    by_name: dict[str, list[EnrolledFace]] = {name: [] for name in names.values()}
+    for f in faces:
+        by_name[owners[f.item]].append(EnrolledFace(f.image, f.sha256, f.face, f.embedding))
+    for name in [n for n, got in by_name.items() if not got]:
+        log.warning("%r: no face in any of its images, not enrolled", name)
+        del by_name[name]
+    used = {f.item for f in faces}
+    skipped = [str(item) for i, item in enumerate(items) if i not in used]
+    path = gallery.path if isinstance(gallery, GalleryStore) else str(gallery)
+    if by_name:
+        with _opened(gallery, create=True) as store:  # add() checks model and names again
+            store.add(by_name, info, append=append)
+    log.info("%s: enrolled %d identities (%d faces)", path, len(by_name), len(faces))
+    return EnrollReport(path, {n: len(v) for n, v in by_name.items()}, skipped)
+
+
+def _check_enrollable(store: GalleryStore, info: ModelInfo, names: set[str], append: bool) -> None:
+    store.check_writable()
+    store.check_model(info)
+    clash = sorted(names & {i.name for i in store.identities()})
+    if clash and not append:
+        raise GalleryError(
+            f"{store.path}: already enrolled: {', '.join(map(repr, clash))}; "
+            f"pass append to add images to them"
         )
-        by_name: dict[str, list[EnrolledFace]] = {name: [] for name in names.values()}
-        for f in faces:
-            by_name[owners[f.item]].append(EnrolledFace(f.image, f.sha256, f.face, f.embedding))
-        for name in [n for n, got in by_name.items() if not got]:
-            log.warning("%r: no face in any of its images, not enrolled", name)
-            del by_name[name]
-        store.add(by_name, info, append=append)
-        used = {f.item for f in faces}
-        skipped = [str(item) for i, item in enumerate(items) if i not in used]
-        log.info("%s: enrolled %d identities (%d faces)", store.path, len(by_name), len(faces))
-        return EnrollReport(store.path, {n: len(v) for n, v in by_name.items()}, skipped)
 
 
 def checked_names(raws: Iterable[str], where: str = "identity names") -> dict[str, str]:
