@@ -484,3 +484,66 @@ def test_failed_first_enroll_leaves_no_gallery_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
     assert main([*argv, "--name", "ada", str(good)]) == 0
     assert gallery.is_file()
+
+
+# -- 13 and file-naming errors: trial lists and CSVs ------------------------------------------
+
+
+def test_headerless_suffixless_trial_list_keeps_every_trial(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    for i, path in enumerate(write_images(tmp_path, 4)):
+        path.rename(tmp_path / f"img{i}")  # image files without a suffix
+    trials = tmp_path / "trials.txt"
+    trials.write_text("img0 img1\nimg1 img2\nimg2 img3\n")
+    out = tmp_path / "scores.csv"
+    assert main(["score", str(checkpoint), str(trials), "--out", str(out)]) == 0
+    ids = [line.split(",")[0] for line in out.read_text().splitlines()[1:]]
+    assert ids == ["img0 img1", "img1 img2", "img2 img3"]
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("img1,img2\na.jpg,b.jpg\n", ["a.jpg"]),  # a header above named images
+        ("img1,img2,label\na,b,1\nc,d,0\n", ["a", "c"]),  # a label column that is no number
+        ("a,b\nc,d\n", ["a", "c"]),  # suffixless names: all data
+        ("a,b,1\nc,d,0\n", ["a", "c"]),
+        ("a b\n", ["a"]),  # a single suffixless trial
+        ("first.jpg,second.jpg\n", ["first.jpg"]),
+    ],
+)
+def test_header_rule_never_takes_a_trial_for_a_header(
+    tmp_path: Path, text: str, kept: list[str]
+) -> None:
+    from facelab.data.trials import iter_trial_rows
+
+    (tmp_path / "t.csv").write_text(text)
+    assert [row[0] for _, row in iter_trial_rows(tmp_path / "t.csv")] == kept
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("trials.csv", b"a.jpg,b.jpg,1\nc.jpg,d\xff.jpg,0\n", "trials.csv:2: not UTF-8 text"),
+        ("pairs.txt", b"1 1\nAda 1 x\nAda 1 Bob 2\n", "pairs.txt:2: image numbers must be"),
+        ("pairs.txt", b"1 1\nAda 1 2\nAda \xe9 Bob 2\n", "pairs.txt:3: not UTF-8 text"),
+        ("trials.csv", b"a.jpg,b.jpg,0.5\n", "trials.csv:1: label '0.5' is not 0 or 1"),
+    ],
+)
+def test_trial_list_errors_name_the_file_and_line(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
+    from facelab.data.trials import read_trials
+
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{tmp_path / message}"):
+        read_trials(tmp_path / name)
+
+
+def test_labels_csv_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    from facelab.data.layout import read_labels
+
+    (tmp_path / "labels.csv").write_bytes(b"image,identity\na.jpg,Ren\xe9\n")
+    with pytest.raises(ValueError, match=f"^{tmp_path}/labels.csv:2: not UTF-8 text"):
+        read_labels(tmp_path / "labels.csv")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from facelab.data.augment import Augment, cutmix
 from facelab.data.folders import IdentityFolder, Sample, split_images
-from facelab.data.trials import read_people, read_trials, trial_people
+from facelab.data.trials import read_people, read_text, read_trials, trial_people
 from facelab.eval.metrics import equal_error_rate, roc_auc, tpr_at_fpr
 from facelab.fileio import atomic_write_text
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -51,7 +51,7 @@ class TrainResult:
 
 def people_in(path: str | Path) -> set[str]:
     """Names listed by an LFW people file (`name<TAB>count` lines) or touched by a trial list."""
-    lines = [ln.split() for ln in Path(path).read_text().splitlines()[1:] if ln.strip()]
+    lines = [ln.split() for ln in read_text(Path(path)).splitlines()[1:] if ln.strip()]
     if lines and all(len(f) == 2 and f[1].isdigit() for f in lines):
         return set(read_people(path))
     return trial_people(read_trials(path))
