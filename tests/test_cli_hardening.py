@@ -5,6 +5,7 @@ atomic writes, bad files in a folder, and the learning-rate schedule on resume."
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import subprocess
@@ -547,3 +548,34 @@ def test_labels_csv_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "labels.csv").write_bytes(b"image,identity\na.jpg,Ren\xe9\n")
     with pytest.raises(ValueError, match=f"^{tmp_path}/labels.csv:2: not UTF-8 text"):
         read_labels(tmp_path / "labels.csv")
+
+
+# -- embed --skip-bad -------------------------------------------------------------------------
+
+
+def test_embed_stops_at_a_bad_file_unless_told_to_skip(
+    tmp_path: Path,
+    checkpoint: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    folder = tmp_path / "images"
+    good = write_images(folder, 3)
+    for name in ("1a_broken.png", "2a_empty.jpg"):
+        (folder / name).write_bytes(b"" if "empty" in name else b"not an image")
+    out = tmp_path / "emb.npz"
+    argv = ["embed", str(folder), "--out", str(out), "--model", str(checkpoint), "--eager"]
+    assert main(argv) == 2
+    (line,) = error_lines(caplog)
+    assert line.startswith(str(folder / "1a_broken.png")) and not out.exists()
+    capsys.readouterr()
+    assert main([*argv, "--skip-bad", "--batch-size", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["skipped"] == [str(folder / "1a_broken.png"), str(folder / "2a_empty.jpg")]
+    assert report["images"] == 3
+    with np.load(out) as data:
+        assert list(data["paths"]) == [str(p) for p in good]
+        assert data["embeddings"].shape == (3, 32) and data["no_face"].shape == (3,)
+    alone = api.embed(api.load_model(str(checkpoint)), good)
+    with np.load(out) as data:
+        np.testing.assert_allclose(data["embeddings"], alone, atol=1e-5)

@@ -75,10 +75,13 @@ def embed_directory(
     flip: bool = False,
     fast: bool = True,
     progress: bool = True,
+    skip_bad: bool = False,
 ) -> Embedded:
     """Embed every image under `root` (recursively, sorted), its main face, in batches.
 
     fast: run a traced, frozen copy of the model (`FaceModel.for_inference`).
+    skip_bad: leave unreadable files out (listed in `Embedded.skipped`) instead of stopping
+    at the first one with an ImageError naming it.
     """
     root = Path(root)
     if not root.is_dir():
@@ -87,7 +90,12 @@ def embed_directory(
     if not paths:
         raise ValueError(f"{root}: no images found")
     runner = model.for_inference() if fast else model
-    return embed_images(runner, paths, flip=flip, batch_size=batch_size, progress=progress)
+    result = embed_images(
+        runner, paths, flip=flip, batch_size=batch_size, progress=progress, skip_bad=skip_bad
+    )
+    if not result.paths:
+        raise ValueError(f"{root}: none of its {len(paths)} image files is readable")
+    return result
 
 
 def save_embeddings(result: Embedded, model: FaceModel, out: str | Path) -> Path:

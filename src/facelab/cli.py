@@ -120,7 +120,12 @@ def _embed(args: argparse.Namespace) -> None:
     check_writable(args.out)
     model = api.load_model(args.model, runtime=args.runtime)
     result = api.embed_directory(
-        model, args.folder, batch_size=args.batch_size, flip=args.flip, fast=not args.eager
+        model,
+        args.folder,
+        batch_size=args.batch_size,
+        flip=args.flip,
+        fast=not args.eager,
+        skip_bad=args.skip_bad,
     )
     api.save_embeddings(result, model, args.out)
     n = len(result.paths)
@@ -133,6 +138,7 @@ def _embed(args: argparse.Namespace) -> None:
                 "no_face": int(result.fallback.sum()),
                 "faces_per_s": round(n / max(total, 1e-9), 1),
                 "ms_per_face": {k: round(1000 * v / n, 2) for k, v in result.seconds.items()},
+                "skipped": [str(p) for p in result.skipped],
             }
         )
     )
@@ -551,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--flip", action="store_true", help="add the mirrored face's embedding")
     p.add_argument("--eager", action="store_true", help="skip the traced, frozen fast path")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave unreadable files out (listed under 'skipped') instead of stopping at the first",
+    )
     _runtime_option(p)
 
     p = sub.add_parser("classify", help="top-1/top-5 accuracy on a run's held-out images")
