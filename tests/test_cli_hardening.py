@@ -579,3 +579,42 @@ def test_embed_stops_at_a_bad_file_unless_told_to_skip(
     alone = api.embed(api.load_model(str(checkpoint)), good)
     with np.load(out) as data:
         np.testing.assert_allclose(data["embeddings"], alone, atol=1e-5)
+
+
+# -- learning rate on resume ------------------------------------------------------------------
+
+
+def test_resume_with_more_epochs_never_raises_the_learning_rate(tmp_path: Path) -> None:
+    from conftest import write_synthetic_folder
+
+    from facelab.train import TrainConfig, train
+
+    data = write_synthetic_folder(tmp_path / "data", people=4, per_person=8, size=32)
+    base = {
+        "data": str(data),
+        "out": str(tmp_path / "run"),
+        "backbone": "resnet18",
+        "backbone_options": {"width": 0.25},
+        "embedding_dim": 16,
+        "image_size": 32,
+        "batch_size": 8,
+        "lr": 0.05,
+        "eta_min": 1e-4,
+        "scheduler": "cosine",
+        "warmup_epochs": 0.5,
+        "val_fraction": 0.0,
+        "augment": {"flip": True},
+        "workers": 1,
+    }
+    last = tmp_path / "run" / "last.pt"
+    # planned for 4 epochs, stopped after the first by its time budget, resumed to 6 epochs
+    first = train(TrainConfig(**base, epochs=4, max_minutes=0.0))
+    assert len(first.history) == 1
+    resumed = train(TrainConfig(**base, epochs=6), resume=last)
+    lrs = [r["lr"] for r in resumed.history]
+    assert len(lrs) == 6 and lrs[0] == first.history[0]["lr"]
+    assert all(b < a for a, b in zip(lrs, lrs[1:], strict=False)), lrs
+    assert lrs[-1] == pytest.approx(1e-4, rel=1e-6)  # eta_min at the new last epoch
+    # a finished run extended: stays at eta_min
+    extended = train(TrainConfig(**base, epochs=8), resume=last)
+    assert [r["lr"] for r in extended.history[6:]] == pytest.approx([1e-4, 1e-4], rel=1e-6)
