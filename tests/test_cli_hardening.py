@@ -213,12 +213,19 @@ def test_check_writable_refuses_a_folder(tmp_path: Path) -> None:
         ("exclude_people=x.txt", "command line: exclude_people must be a list of strings"),
         ("lr=.nan", "command line: lr must be a number, not nan"),
         ("lr=[", "--set lr=[: not a YAML value"),
+        ("augment={flp: true}", "command line: unknown augment option(s): flp (known: flip,"),
+        ("augment={rotate: x}", "command line: augment.rotate must be a number, not 'x'"),
+        ("augment={crop_scale: [1]}", "command line: augment.crop_scale must be a list of 2"),
+        ("backbone_options={widht: 1}", "backbone 'mobilefacenet': got an unexpected keyword"),
     ],
 )
 def test_wrong_config_types_name_field_type_and_value(
     tmp_path: Path, setting: str, message: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    argv = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--set", setting]
+    from conftest import write_synthetic_folder
+
+    data = write_synthetic_folder(tmp_path / "data", people=2, per_person=2, size=8)
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--set", setting]
     assert main(argv) == 2
     (line,) = error_lines(caplog)
     assert line.startswith(message), line

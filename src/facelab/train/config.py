@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from facelab.data.augment import Augment
+
 DISTILL_LOSSES = ("cosine", "mse")
 
 
@@ -48,10 +50,33 @@ def _expected(hint: Any) -> str:
         return " or ".join("null" if a is type(None) else _expected(a) for a in args)
     if origin is list:
         return f"a list of {_expected(args[0])[2:]}s" if args else "a list"
+    if origin is tuple:
+        return f"a list of {len(args)} values ({', '.join(_expected(a) for a in args)})"
     if origin is dict or hint is dict:
         return "a mapping"
     names = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}
     return names.get(hint, str(hint))
+
+
+def checked_fields(cls: type, values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`values` for the fields of dataclass `cls`, each checked against (and converted to) its
+    type hint; an unknown name or a value of another type is a ValueError naming the field
+    (`prefix` + name), the type expected and the value given."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        what = prefix.rstrip(".") or cls.__name__
+        raise ValueError(
+            f"unknown {what} option(s): {', '.join(map(str, unknown))} (known: {', '.join(hints)})"
+        )
+    out = {}
+    for key, value in values.items():
+        try:
+            out[key] = _coerce(value, hints[key])
+        except TypeError:
+            expected = _expected(hints[key])
+            raise ValueError(f"{prefix}{key} must be {expected}, not {value!r}") from None
+    return out
 
 
 def _coerce(value: Any, hint: Any) -> Any:
@@ -73,6 +98,8 @@ def _coerce(value: Any, hint: Any) -> Any:
         raise TypeError
     if origin is list and isinstance(value, list):
         return [_coerce(v, args[0]) for v in value]
+    if origin is tuple and isinstance(value, list | tuple) and len(value) == len(args):
+        return tuple(_coerce(v, a) for v, a in zip(value, args, strict=True))
     if origin is dict and isinstance(value, dict):
         return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
     if hint is bool and isinstance(value, bool):
@@ -152,15 +179,10 @@ class TrainConfig:
     log_every: int = 20
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            try:
-                setattr(self, f.name, _coerce(value, hints[f.name]))
-            except TypeError:
-                raise ValueError(
-                    f"{f.name} must be {_expected(hints[f.name])}, not {value!r}"
-                ) from None
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in checked_fields(type(self), fields).items():
+            setattr(self, name, value)
+        checked_fields(Augment, self.augment, "augment.")  # checked here, built by training
         if self.scheduler not in ("cosine", "warm_restarts", "constant"):
             raise ValueError(
                 f"scheduler must be cosine, warm_restarts or constant, not {self.scheduler!r}"
