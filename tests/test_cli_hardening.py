@@ -94,23 +94,33 @@ def test_unwritable_output_is_refused_before_any_work(
         assert str(out.parent) in line and "cannot write here" in line, (name, line)
 
 
+@pytest.mark.parametrize("command", ["embed", "eval", "score"])
 def test_disk_full_at_write_time_is_one_line_naming_the_file(
     tmp_path: Path,
     checkpoint: Path,
+    command: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    write_images(tmp_path / "images")
-    out = tmp_path / "out" / "emb.npz"
+    images = write_images(tmp_path / "images")
+    trials = tmp_path / "trials.csv"
+    trials.write_text(f"{images[0]},{images[1]},1\n{images[0]},{images[2]},0\n")
+    folder = tmp_path / "out"
+    out = {"embed": folder / "emb.npz", "eval": folder / "metrics.json", "score": folder / "s.csv"}
+    argv = {
+        "embed": ["embed", str(images[0].parent), "--out", str(out["embed"]), "--model"],
+        "eval": ["eval", "--out", str(folder)],
+        "score": ["score", "--out", str(out["score"])],
+    }[command]
+    argv += [str(checkpoint)] if command == "embed" else [str(checkpoint), str(trials)]
 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)  # the write itself fails after all the work
-    argv = ["embed", str(tmp_path / "images"), "--out", str(out), "--model", str(checkpoint)]
-    assert main([*argv, "--eager"]) == 2
-    assert error_lines(caplog) == [f"{out}: No space left on device"]
-    assert os.listdir(out.parent) == []  # no temporary left behind
+    assert main(argv) == 2
+    assert error_lines(caplog) == [f"{out[command]}: No space left on device"]
+    assert os.listdir(folder) == []  # no temporary left behind
 
 
 def test_gallery_database_fault_is_one_line_naming_the_gallery(
