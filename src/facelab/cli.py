@@ -87,7 +87,6 @@ def _train(args: argparse.Namespace) -> None:
         cfg = TrainConfig.from_dict(overrides, source="command line")
     if not args.resume and not cfg.data:
         raise SystemExit("facelab train: give --data ROOT (or data: in --config)")
-    check_writable_folder(cfg.out)
     result = train(cfg, resume=args.resume)
     if not result.main_process:  # under torchrun only rank 0 reports
         return

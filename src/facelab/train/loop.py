@@ -23,7 +23,7 @@ from facelab.data.augment import Augment, cutmix
 from facelab.data.folders import IdentityFolder, Sample, split_images
 from facelab.data.trials import read_people, read_text, read_trials, trial_people
 from facelab.eval.metrics import equal_error_rate, roc_auc, tpr_at_fpr
-from facelab.fileio import atomic_write_text
+from facelab.fileio import atomic_write_text, check_writable_folder
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from facelab.models.preprocess import Preprocess
 from facelab.train import distributed
@@ -166,6 +166,8 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.dist, self.device = distributed.setup()
+        if self.dist.main:  # refused before hours of work, not at the first checkpoint
+            check_writable_folder(self.out)
         if cfg.batch_size % self.dist.world_size:
             raise ValueError(
                 f"batch_size {cfg.batch_size} (the global batch) is not divisible by the "
