@@ -18,7 +18,7 @@ import yaml
 from facelab import api
 from facelab.data.images import ImageError
 from facelab.eval.metrics import finite
-from facelab.fileio import check_writable, check_writable_folder
+from facelab.fileio import atomic_write_text, check_writable, check_writable_folder
 from facelab.gallery.store import GalleryError
 from facelab.models.checkpoint import (
     CheckpointError,
@@ -377,8 +377,6 @@ def _data(args: argparse.Namespace) -> None:
         check_writable(args.out)
     check = check_dataset({name: Path(args.root) / d for name, d in pairs}, args.workers)
     if args.out:
-        from facelab.fileio import atomic_write_text
-
         atomic_write_text(args.out, json.dumps(check.to_dict(), indent=2) + "\n")
     print(json.dumps(check.summary(), indent=2))
     if args.strict and not check.ok:
