@@ -21,6 +21,15 @@ from numpy.typing import ArrayLike, NDArray
 FloatArray = NDArray[np.float64]
 
 
+def finite(value: float, what: str = "threshold") -> float:
+    """`value` as a float, refusing NaN and infinities: `score >= nan` is never true, so a NaN
+    threshold would silently reject everything."""
+    number = float(value)
+    if not np.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, not {value!r}")
+    return number
+
+
 def _check_binary(scores: ArrayLike, labels: ArrayLike) -> tuple[FloatArray, NDArray[np.bool_]]:
     """Return (scores as float64, labels as bool), raising ValueError on anything ambiguous."""
     s = np.asarray(scores, dtype=np.float64)
