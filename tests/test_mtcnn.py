@@ -17,28 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import mtcnn_weights_dir
 
 from facelab.data.images import read_image
-from facelab.models.converters.mtcnn_weights import (
-    NETS,
-    WeightsError,
-    facenet_pytorch_weights_dir,
-)
+from facelab.models.converters.mtcnn_weights import NETS, WeightsError
 from facelab.models.detectors.mtcnn import MTCNN, Detections, face_order, main_face, mtcnn
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REFERENCE = SHARED / "reference" / "mtcnn_facenet_pytorch.json"
 
 
-def _facenet_weights_dir() -> Path | None:
-    try:
-        folder = facenet_pytorch_weights_dir()
-    except WeightsError:
-        return None
-    return folder if all((folder / f"{net}.pt").is_file() for net in NETS) else None
-
-
-WEIGHTS = _facenet_weights_dir()
+WEIGHTS = mtcnn_weights_dir()
 needs_weights = pytest.mark.skipif(
     WEIGHTS is None,
     reason="facenet-pytorch's MTCNN weights are absent "
