@@ -1,6 +1,7 @@
-"""The README's main job end to end: `facelab eval dlib_resnet .../pairs.txt --out DIR` with the
-pretrained model, on a fold-bearing cut of LFW View 2 (its 10-fold header and layout kept), through
-the 10-fold path; real images from ../shared, so the test skips without them."""
+"""The pretrained model's LFW evaluations end to end, on small cuts of LFW that run by default:
+the README's main job (`facelab eval dlib_resnet .../pairs.txt --out DIR`) on a fold-bearing cut
+of View 2 through the 10-fold path, and open-set identification (the `slow` test in
+test_gallery.py runs it on all of LFW). Real images from ../shared: skipped without them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from facelab import api
 from facelab.cli import main
 from facelab.eval import best_accuracy, verification_report
+from facelab.gallery import eval_identification
 from facelab.models.face_model import FaceModel
 
 PER_CLASS = 3  # same and different pairs kept from each fold: 60 pairs, 96 images
@@ -76,3 +78,35 @@ def test_readme_eval_runs_the_ten_fold_protocol(
     # of the 60 pairs may go wrong
     assert report["kfold_mean"] >= 0.95, report["kfold_accuracies"]
     assert report["auc"] >= 0.99
+
+
+def lfw_people_subset(lfw: Path, dest: Path, people: int, per_person: int) -> Path:
+    """An LFW root of the first `people` people (sorted) with two images or more, their first
+    `per_person` images, and the first `people` people with one image, linked from ../shared."""
+    folders = sorted(p for p in (lfw / "images").iterdir() if p.is_dir())
+    chosen = {True: [], False: []}
+    for folder in folders:
+        images = sorted(folder.glob("*.jpg"))
+        group = chosen[len(images) > 1]
+        if len(group) < people:
+            group.append(images[:per_person])
+        if all(len(g) == people for g in chosen.values()):
+            break
+    for images in chosen[True] + chosen[False]:
+        (dest / "images" / images[0].parent.name).mkdir(parents=True)
+        for image in images:
+            (dest / "images" / image.parent.name / image.name).symlink_to(image)
+    return dest
+
+
+def test_lfw_identification_on_a_cut_of_lfw(
+    lfw: Path, pretrained_dlib_resnet: FaceModel, tmp_path: Path
+) -> None:
+    root = lfw_people_subset(lfw, tmp_path / "lfw", people=8, per_person=4)
+    report = eval_identification(pretrained_dlib_resnet, root, out_dir=tmp_path, progress=False)
+    assert report["gallery_identities"] == 8 and report["non_mated_probes"] == 8
+    assert report["mated_probes"] >= 8
+    # the full run: rank-1 and mapping accuracy above 0.9 on all of LFW
+    assert report["rank1"] >= 0.9 and report["mapping_accuracy"] >= 0.9, report
+    assert 0 < report["dir_at_far_0.01"] <= report["rank1"]
+    assert (tmp_path / "dir_far.png").stat().st_size > 0
