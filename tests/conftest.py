@@ -60,12 +60,18 @@ def write_synthetic_folder(
 
 
 @pytest.fixture(autouse=True)
-def _seeded() -> None:
+def _isolated() -> Iterator[None]:
     """Every test starts from the same random state (torch, numpy's global generator, random):
-    what a test draws without its own seed is the same alone, in the suite, in any order."""
+    what a test draws without its own seed is the same alone, in the suite, in any order. And
+    no test may leave torch's thread count changed: that would slow (or speed) every later one."""
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
+    threads = torch.get_num_threads()
+    yield
+    left = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    assert left == threads, f"the test left torch at {left} threads instead of {threads}"
 
 
 @pytest.fixture()
