@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from serving import KEYS, RO, RW, tiny_model
 
 from facelab.serve import ServeConfig, create_app
+from facelab.serve.security import FailureLimiter
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -47,7 +48,11 @@ WRITE_KEYS = {
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     gallery = tmp_path_factory.mktemp("auth") / "gallery.db"
-    app = create_app(tiny_model(), ServeConfig(gallery=gallery, keys=KEYS))
+    # Every wrong key must be answered 401 here; throttling them is test_hostile's subject.
+    unthrottled = FailureLimiter(limit=1_000_000)
+    app = create_app(
+        tiny_model(), ServeConfig(gallery=gallery, keys=KEYS, key_failures=unthrottled)
+    )
     with TestClient(app) as c:
         yield c
 
