@@ -41,18 +41,23 @@ def free_port() -> int:
 
 
 def start_server(
-    model: str, max_batch: int, threads: int | None, tmp: Path
+    model: str,
+    max_batch: int,
+    threads: int | None,
+    tmp: Path,
+    role: str = "ro",
+    extra: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen, str, str]:
-    """(process, base URL, key) of a server on a free loopback port."""
+    """(process, base URL, key) of a server on a free loopback port; `extra`: more options."""
     key = secrets.token_urlsafe(24)
     port = free_port()
-    env = {**os.environ, "FACELAB_API_KEYS": f"ro:{key}"}
+    env = {**os.environ, "FACELAB_API_KEYS": f"{role}:{key}"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     command = [
         sys.executable, "-m", "facelab", "serve", "--model", model, "--host", "127.0.0.1",
         "--port", str(port), "--gallery", str(tmp / f"gallery-{max_batch}.db"),
-        "--max-batch", str(max_batch),
+        "--max-batch", str(max_batch), *extra,
     ]  # fmt: skip
     log_file = tmp / f"server-{max_batch}.log"
     with open(log_file, "wb") as logs:  # the server keeps its own handle

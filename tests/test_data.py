@@ -103,10 +103,20 @@ def test_face_cache_reused(tmp_path: Path) -> None:
         paths, spec.crop_face, 16, spec.fingerprint(), tmp_path / "cache", progress=False
     )
     assert isinstance(first, np.memmap) and first.shape == (4, 16, 16, 3)
+
+    def no_decoding(image: np.ndarray) -> np.ndarray:
+        raise AssertionError("an image was cropped again despite the cache")
+
     second = load_faces(
-        paths, spec.crop_face, 16, spec.fingerprint(), tmp_path / "cache", progress=False
+        paths, no_decoding, 16, spec.fingerprint(), tmp_path / "cache", progress=False
     )
     assert np.array_equal(first, second) and len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    # another cropping (key) is never served from that cache
+    other = Preprocess(size=16, crop=0.5)
+    third = load_faces(
+        paths, other.crop_face, 16, other.fingerprint(), tmp_path / "cache", progress=False
+    )
+    assert not np.array_equal(third, first) and len(list((tmp_path / "cache").glob("*.npy"))) == 2
 
 
 def test_augment_and_cutmix_shapes() -> None:
@@ -117,7 +127,27 @@ def test_augment_and_cutmix_shapes() -> None:
     assert not torch.equal(out, faces.float())
     plain = Augment(flip=False, crop_scale=(1.0, 1.0), jitter=0.0)(faces)
     assert torch.equal(plain, faces.float())
-    x = torch.zeros(4, 3, 16, 16)
-    x[0] = 1
-    mixed, y, y2, lam = cutmix(x, torch.arange(4), alpha=1.0)
-    assert 0 <= lam <= 1 and mixed.shape == x.shape and sorted(y2.tolist()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 5.0])
+def test_cutmix_ratio_is_the_kept_area(alpha: float) -> None:
+    """lam is the fraction of each image left in place; the rest is one box from its partner."""
+    n, h, w = 6, 16, 20
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, h, w).clone()
+    boxes = 0
+    for _ in range(30):
+        mixed, y, partner, lam = cutmix(x, torch.arange(n), alpha)
+        assert mixed.shape == x.shape and torch.equal(y, torch.arange(n))
+        assert sorted(partner.tolist()) == list(range(n))  # a permutation of the batch
+        for i in range(n):
+            pasted = mixed[i, 0] != i
+            assert torch.all(mixed[i][:, pasted] == partner[i])  # all of it from the partner
+            if partner[i] == i:
+                continue  # its own pixels pasted back: no visible box
+            assert 1 - pasted.float().mean().item() == pytest.approx(lam)
+            rows, cols = pasted.any(1).nonzero(), pasted.any(0).nonzero()
+            if len(rows):  # one rectangle: its bounding box is all pasted
+                boxes += 1
+                box = pasted[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+                assert box.all()
+    assert boxes > 0

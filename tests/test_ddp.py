@@ -56,8 +56,18 @@ def torchrun(*args: str) -> None:
     command += ["--nproc_per_node=2", "-m", "facelab", *args]
     src = str(Path(facelab.__file__).parents[1])  # the facelab this test imported, not another
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": src}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _, err = run.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, which torchrun passes on to its ranks (each in its own session): killed
+        # outright, as subprocess.run's timeout does, it leaves a hung rank running
+        run.terminate()
+        _, err = run.communicate(timeout=60)
+        pytest.fail(f"torchrun still running after 300 s, stopped: {err[-3000:]}")
+    assert run.returncode == 0, err[-3000:]
 
 
 def max_difference(a: Path, b: Path) -> float:

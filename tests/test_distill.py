@@ -290,13 +290,23 @@ def test_an_online_run_decodes_its_training_faces_once(
     assert trainer.net.teacher is not None and decoded == [4]
 
 
-@pytest.mark.filterwarnings("error:The given NumPy array is not writable")
-def test_validation_reads_the_read_only_face_cache(tmp_path: Path) -> None:
+def test_validation_reads_the_read_only_face_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Cached faces are a read-only memory map; `Preprocess.normalise` copies them rather than
-    hand torch an array it warns about (torch warns once per process: run alone, this fails
-    without the copy)."""
+    hand torch an array it cannot own. torch warns about such an array once per process only,
+    so whatever ran before, every array handed to `torch.from_numpy` is checked here."""
+    handed: list[bool] = []
+    from_numpy = torch.from_numpy
+
+    def checked(array: np.ndarray) -> torch.Tensor:
+        handed.append(array.flags.writeable)
+        return from_numpy(array)
+
+    monkeypatch.setattr(torch, "from_numpy", checked)
     data = write_synthetic_folder(tmp_path / "ids", people=3, per_person=4, size=40)
     cfg = tiny_config(data, tmp_path / "run", val_fraction=0.25, cache_dir=str(tmp_path / "c"))
     result = train(cfg)
     assert len(list((tmp_path / "c").glob("faces-*.npy"))) == 2  # training and validation faces
     assert 0.0 <= result.history[-1]["val_top1"] <= 1.0
+    assert handed and all(handed), f"{handed.count(False)} of {len(handed)} arrays read-only"

@@ -45,7 +45,7 @@ from facelab.models.detectors.mtcnn import Detections
 from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import Preprocess
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def tiny_model(seed: int = 0, preprocess: Preprocess | None = None) -> FaceModel:
@@ -505,6 +505,12 @@ with GalleryStore(gallery, create=True) as store:
             seen.append("1")
         enroll(store, model, f"{prefix}{i}", images, progress=False)
         print(i, flush=True)
+        peer = os.environ.get("GALLERY_PEER")
+        deadline = time.monotonic() + 120
+        while peer and f"{peer}{i}" not in {x.name for x in store.identities()}:
+            if time.monotonic() > deadline:  # lockstep: the peer's identity i before our next
+                sys.exit(f"{peer}{i} never appeared")
+            time.sleep(0.005)
 """
 
 
@@ -516,9 +522,10 @@ def child(
     per_person: int,
     kill_on: str = "-",
     go: Path | None = None,
+    peer: str = "",
 ) -> subprocess.Popen:
     args = [str(gallery), str(ckpt), prefix, str(count), str(per_person), kill_on]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GALLERY_GO": str(go or "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GALLERY_GO": str(go or ""), "GALLERY_PEER": peer}
     return subprocess.Popen(
         [sys.executable, "-c", CHILD, *args],
         stdout=subprocess.PIPE,
@@ -559,19 +566,25 @@ def test_sigkill_at_a_random_moment_of_an_enrollment_loop(tmp_path: Path, checkp
     gallery = tmp_path / "g.db"
     proc = child(gallery, checkpoint, "p", count=10_000, per_person=40)
     assert proc.stdout.readline().strip() == "0"
-    time.sleep(np.random.default_rng().uniform(0.0, 0.3))
+    delay = np.random.default_rng(5).uniform(0.0, 0.3)  # scheduling adds its own randomness
+    time.sleep(delay)
     proc.kill()
     proc.wait(timeout=60)
     printed = len(proc.stdout.read().split()) + 1
     counts = assert_consistent(gallery, per_person=40)
-    assert printed <= len(counts) <= printed + 1  # the last commit may precede its print
+    assert printed <= len(counts) <= printed + 1, delay  # the last commit may precede its print
     assert set(counts) == {f"p{i}" for i in range(len(counts))}
 
 
 def test_two_processes_enrolling_at_once_lose_nothing(tmp_path: Path, checkpoint: Path) -> None:
     gallery = tmp_path / "g.db"  # created by whichever process gets there first
     go = tmp_path / "go"
-    procs = [child(gallery, checkpoint, p, count=8, per_person=5, go=go) for p in ("a", "b")]
+    # in lockstep (each waits for the other's identity i before its i + 1): on a loaded machine
+    # one racer could otherwise finish before the other starts
+    procs = [
+        child(gallery, checkpoint, p, count=8, per_person=5, go=go, peer=peer)
+        for p, peer in (("a", "b"), ("b", "a"))
+    ]
     for proc in procs:
         assert proc.stdout.readline().strip() == "ready"
     go.touch()

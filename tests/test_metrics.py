@@ -169,6 +169,47 @@ def test_kfold_accuracy_int_folds_and_order_independence():
     assert shuffled["accuracies"] == pytest.approx(by_int["accuracies"])
 
 
+def test_kfold_accept_all_and_reject_all_hold_for_held_out_scores_beyond_the_training_ones():
+    # Fold 1 alone (the training fold of fold 0) is best served by accepting everything (3 of 4
+    # genuine, the impostor scoring highest); fold 0's genuine pairs score below all of fold 1.
+    scores = [0.1, 0.2, 0.9, 0.95] + [0.5, 0.6, 0.7, 0.8]
+    labels = [1, 1, 0, 1] + [1, 1, 1, 0]
+    result = kfold_accuracy(scores, labels, [0] * 4 + [1] * 4)
+    assert best_accuracy(scores[4:], labels[4:]) == (0.75, 0.5)
+    assert result["thresholds"][0] == 0.1 and result["accuracies"][0] == 0.75  # all accepted
+    # mirrored: fold 1 best rejects everything, and fold 0's impostors score above all of it
+    flipped = kfold_accuracy([-x for x in scores], [1 - y for y in labels], [0] * 4 + [1] * 4)
+    assert flipped["thresholds"][0] > -0.1 and flipped["accuracies"][0] == 0.75  # all rejected
+    assert json.loads(json.dumps(result | flipped, allow_nan=False)) == result | flipped
+
+
+def test_kfold_held_out_decisions_follow_the_training_rule():
+    """Weak scores, imbalanced folds: whenever the other folds' best is to accept (reject)
+    every pair, the held-out fold's accuracy is its share of genuine (impostor) pairs, also
+    when some of its scores lie beyond all the training scores."""
+    extremes = beyond = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        folds = np.repeat(np.arange(10), 8)
+        labels = rng.random(len(folds)) < rng.choice([0.2, 0.8], 10)[folds]
+        scores = rng.normal(size=len(folds)) + 0.2 * labels
+        result = kfold_accuracy(scores, labels, folds)
+        for fold, accuracy in enumerate(result["accuracies"]):
+            train, test = folds != fold, folds == fold
+            best, threshold = best_accuracy(scores[train], labels[train])
+            if threshold == scores[train].min() and best == labels[train].mean():
+                assert accuracy == labels[test].mean(), (seed, fold)
+                beyond += bool(scores[test].min() < threshold)
+            elif threshold > scores[train].max():
+                assert accuracy == 1 - labels[test].mean(), (seed, fold)
+                beyond += bool(scores[test].max() >= threshold)
+            else:  # an ordinary threshold: applied as chosen
+                assert result["thresholds"][fold] == threshold, (seed, fold)
+                continue
+            extremes += 1
+    assert extremes >= 20 and beyond >= 2, (extremes, beyond)  # the cases occurred
+
+
 def test_verification_report_is_json_ready():
     scores, labels, folds = lfw_like_folds()
     report = verification_report(scores, labels, folds)

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from facelab.runtime import set_threads, usable_cores
 
@@ -19,9 +20,12 @@ def test_cgroup_quota_caps_the_cores(tmp_path: Path) -> None:
     assert usable_cores(quota) == unlimited
 
 
-@pytest.mark.usefixtures("single_torch_thread")  # starts at 1 thread, restores the count after
+@pytest.mark.usefixtures("single_torch_thread")  # restores the thread count after
 def test_omp_num_threads_wins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert set_threads() == 1
+    # a count no core detection gives, so that ignoring the variable cannot pass on any machine
+    chosen = usable_cores() + 2
+    torch.set_num_threads(chosen)  # what torch made of OMP_NUM_THREADS at start-up
+    monkeypatch.setenv("OMP_NUM_THREADS", str(chosen))
+    assert set_threads() == chosen and torch.get_num_threads() == chosen
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert set_threads() == usable_cores()
+    assert set_threads() == usable_cores() == torch.get_num_threads()

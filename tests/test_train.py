@@ -85,7 +85,7 @@ def test_train_resume_eval_classify(lfw_subset: Path, tmp_path: Path) -> None:
         == 0
     )
     c = load_checkpoint(small)
-    assert set(c) == {"kind", "schema", "model", "model_state", "config", "history"}
+    assert set(c) == {"kind", "schema", "model", "model_state", "config", "history", "sha256"}
     assert (c["config"], c["history"]) == (a["config"], a["history"])
     assert all(torch.equal(v, a["model_state"][k]) for k, v in c["model_state"].items())
     assert small.stat().st_size < straight.checkpoint.stat().st_size / 1.5

@@ -14,7 +14,7 @@ import torch
 
 from facelab.data.folders import IdentityFolder, Sample, list_images
 from facelab.data.trials import Trial, read_trials
-from facelab.eval.metrics import roc_curve, verification_report
+from facelab.eval.metrics import finite, roc_curve, verification_report
 from facelab.fileio import atomic_write, atomic_write_text
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint
 from facelab.models.face_model import FaceModel
@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 
 
 RUNTIMES = ("torch", "onnx")
+
+
+def is_model_name(spec: str | Path) -> bool:
+    """Whether `spec` names a registered pretrained model (so it is never read as a file)."""
+    return isinstance(spec, str) and spec in BACKBONES.names()
 
 
 def load_model(
@@ -50,10 +55,10 @@ def load_model(
         if device not in (None, "cpu"):
             raise ValueError(f"runtime 'onnx' runs on the CPU, not {device!r}")
         return load_onnx(path if path.suffix == ".onnx" else onnx_bytes(load_model(spec)))
-    if path.suffix in (".pt", ".pth") or path.is_file():
-        model = model_from_checkpoint(load_checkpoint(path))
-    elif str(spec) in BACKBONES.names():
+    if is_model_name(spec):  # a name wins over a stray file of that name in the cwd
         model = FaceModel.create(str(spec), pretrained=True)
+    elif path.suffix in (".pt", ".pth") or path.is_file():
+        model = model_from_checkpoint(load_checkpoint(path))
     else:
         raise FileNotFoundError(
             f"{spec}: neither a checkpoint file nor a pretrained model name "
@@ -75,10 +80,13 @@ def embed_directory(
     flip: bool = False,
     fast: bool = True,
     progress: bool = True,
+    skip_bad: bool = False,
 ) -> Embedded:
     """Embed every image under `root` (recursively, sorted), its main face, in batches.
 
     fast: run a traced, frozen copy of the model (`FaceModel.for_inference`).
+    skip_bad: leave unreadable files out (listed in `Embedded.skipped`) instead of stopping
+    at the first one with an ImageError naming it.
     """
     root = Path(root)
     if not root.is_dir():
@@ -87,7 +95,12 @@ def embed_directory(
     if not paths:
         raise ValueError(f"{root}: no images found")
     runner = model.for_inference() if fast else model
-    return embed_images(runner, paths, flip=flip, batch_size=batch_size, progress=progress)
+    result = embed_images(
+        runner, paths, flip=flip, batch_size=batch_size, progress=progress, skip_bad=skip_bad
+    )
+    if not result.paths:
+        raise ValueError(f"{root}: none of its {len(paths)} image files is readable")
+    return result
 
 
 def save_embeddings(result: Embedded, model: FaceModel, out: str | Path) -> Path:
@@ -117,6 +130,8 @@ def verify(
     model: FaceModel, a: ImageLike, b: ImageLike, threshold: float | None = None, flip: bool = False
 ) -> Verification:
     """1:1 comparison of two face images by cosine similarity."""
+    if threshold is not None:
+        finite(threshold, "threshold")
     emb = embed(model, [a, b], flip=flip)
     score = float(emb[0] @ emb[1])
     return Verification(score, threshold, None if threshold is None else score >= threshold)

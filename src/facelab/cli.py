@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import logging
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -16,6 +17,8 @@ import yaml
 
 from facelab import api
 from facelab.data.images import ImageError
+from facelab.eval.metrics import finite
+from facelab.fileio import atomic_write_text, check_writable, check_writable_folder
 from facelab.gallery.store import GalleryError
 from facelab.models.checkpoint import (
     CheckpointError,
@@ -25,6 +28,7 @@ from facelab.models.checkpoint import (
 )
 from facelab.runtime import set_threads
 from facelab.submission import ID_STYLES, SCORE_CHUNK, parse_columns
+from facelab.train.config import yaml_problem
 
 log = logging.getLogger("facelab")
 GALLERY_HELP = "gallery file, or a postgresql://user@host:port/db address (default gallery.db)"
@@ -40,9 +44,12 @@ def command(name: str) -> Callable:
     return decorator
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(pair: str, text: str) -> Any:
     """CLI override values are YAML scalars or lists: 0.1, true, [0.8, 1.0], {flip: true}."""
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--set {pair}: not a YAML value ({yaml_problem(exc)})") from None
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -51,7 +58,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise SystemExit(f"--set expects key=value, got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key.replace("-", "_")] = _parse_value(value)
+        out[key.replace("-", "_")] = _parse_value(pair, value)
     return out
 
 
@@ -96,6 +103,8 @@ def _train(args: argparse.Namespace) -> None:
 
 @command("eval")
 def _eval(args: argparse.Namespace) -> None:
+    if args.out:
+        check_writable_folder(args.out)
     model = api.load_model(args.model)
     report = api.evaluate(model, args.trials, args.images_root, flip=args.flip, out_dir=args.out)
     print(json.dumps(report, indent=2))
@@ -108,9 +117,15 @@ def _classify(args: argparse.Namespace) -> None:
 
 @command("embed")
 def _embed(args: argparse.Namespace) -> None:
+    check_writable(args.out)
     model = api.load_model(args.model, runtime=args.runtime)
     result = api.embed_directory(
-        model, args.folder, batch_size=args.batch_size, flip=args.flip, fast=not args.eager
+        model,
+        args.folder,
+        batch_size=args.batch_size,
+        flip=args.flip,
+        fast=not args.eager,
+        skip_bad=args.skip_bad,
     )
     api.save_embeddings(result, model, args.out)
     n = len(result.paths)
@@ -123,6 +138,7 @@ def _embed(args: argparse.Namespace) -> None:
                 "no_face": int(result.fallback.sum()),
                 "faces_per_s": round(n / max(total, 1e-9), 1),
                 "ms_per_face": {k: round(1000 * v / n, 2) for k, v in result.seconds.items()},
+                "skipped": [str(p) for p in result.skipped],
             }
         )
     )
@@ -168,7 +184,9 @@ def _model_source(args: argparse.Namespace) -> str:
     from facelab.gallery.backends import gallery_exists, open_store
 
     if args.model:
-        return str(Path(args.model).resolve()) if Path(args.model).is_file() else args.model
+        if api.is_model_name(args.model) or not Path(args.model).is_file():
+            return args.model
+        return str(Path(args.model).resolve())
     if not gallery_exists(args.gallery):
         raise SystemExit(f"{args.gallery}: no gallery yet; give --model to make one")
     with open_store(args.gallery) as store:
@@ -196,13 +214,15 @@ def _enroll(args: argparse.Namespace) -> None:
     from facelab.gallery import enroll, enroll_tree
 
     options = {"append": args.append, "all_faces": args.all_faces, "no_face": args.no_face}
+    check_writable(args.gallery)
     if args.tree and not args.name and not args.images:
         report = enroll_tree(args.gallery, _gallery_model(args), args.tree, **options)
     elif args.name and args.images and not args.tree:
         report = enroll(args.gallery, _gallery_model(args), args.name, args.images, **options)
     else:
         raise SystemExit("facelab enroll: give --name NAME IMAGE..., or --tree ROOT")
-    _remember_model(args)
+    if report.enrolled:  # else no gallery file was made
+        _remember_model(args)
     print(json.dumps(asdict(report)))
 
 
@@ -250,6 +270,7 @@ def _identify(args: argparse.Namespace) -> None:
 def _map(args: argparse.Namespace) -> None:
     from facelab.gallery import map_unknown
 
+    check_writable(args.out)
     result = map_unknown(
         api.load_model(args.model),
         args.known,
@@ -297,9 +318,11 @@ def _gallery(args: argparse.Namespace) -> None:
 def _calibrate(args: argparse.Namespace) -> None:
     from facelab.gallery import calibrate
 
+    model = _gallery_model(args)
+    check_writable(args.gallery)
     threshold = calibrate(
         args.gallery,
-        _gallery_model(args),
+        model,
         args.trials,
         target_far=args.far,
         images_root=args.images_root,
@@ -322,12 +345,14 @@ def _eval_identification(args: argparse.Namespace) -> None:
 @command("predict")
 def _predict(args: argparse.Namespace) -> None:
     columns = parse_columns(args.columns)
+    check_writable(args.out)
     rows = api.predict_folder(args.checkpoint, args.test_dir, args.out, columns, flip=args.flip)
     print(json.dumps({"out": args.out, "images": len(rows)}))
 
 
 @command("score")
 def _score(args: argparse.Namespace) -> None:
+    check_writable(args.out)
     summary = api.score_trial_file(
         api.load_model(args.model),
         args.trials,
@@ -354,10 +379,10 @@ def _data(args: argparse.Namespace) -> None:
     pairs = [s.split("=", 1) for s in args.splits or ["all=."]]
     if any(len(pair) != 2 for pair in pairs):
         raise SystemExit("--splits expects NAME=DIR, e.g. train=train test=test")
+    if args.out:
+        check_writable(args.out)
     check = check_dataset({name: Path(args.root) / d for name, d in pairs}, args.workers)
     if args.out:
-        from facelab.fileio import atomic_write_text
-
         atomic_write_text(args.out, json.dumps(check.to_dict(), indent=2) + "\n")
     print(json.dumps(check.summary(), indent=2))
     if args.strict and not check.ok:
@@ -422,6 +447,11 @@ def _serve(args: argparse.Namespace) -> None:
         insecure_local=args.insecure_local,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels,
+        max_request_pixels=args.max_request_pixels,
+        max_side=args.max_side,
+        max_faces=args.max_faces,
+        request_seconds=args.request_seconds,
+        allowed_hosts=tuple(args.allowed_host),
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         keep_dir=Path(args.keep_dir) if args.keep_dir else None,
@@ -435,8 +465,10 @@ def _serve(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from facelab.models.export import export_onnx
 
+    check_writable(args.out)
     if args.format == "checkpoint":  # a checkpoint file is read once, for its model and run
-        run = load_checkpoint(args.model) if Path(args.model).is_file() else None
+        is_file = Path(args.model).is_file() and not api.is_model_name(args.model)
+        run = load_checkpoint(args.model) if is_file else None
         model = model_from_checkpoint(run) if run else api.load_model(args.model)
         print(save_model_checkpoint(args.out, model, run))
         return
@@ -473,6 +505,17 @@ def _add_deployment_commands(sub: Any) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="wait to fill a batch")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit")
     p.add_argument("--max-pixels", type=int, default=24_000_000, help="per image, from its header")
+    p.add_argument("--max-request-pixels", type=int, default=100_000_000, help="per request")
+    p.add_argument("--max-side", type=int, default=1280, help="longer side detection sees")
+    p.add_argument("--max-faces", type=int, default=20, help="faces embedded per image")
+    p.add_argument("--request-seconds", type=float, default=60.0, help="time limit per request")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name clients reach the server by, besides localhost (repeatable)",
+    )
     p.add_argument("--keep-dir", help="where enrollments with keep_images write them")
     p.add_argument(
         "--search",
@@ -541,6 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--flip", action="store_true", help="add the mirrored face's embedding")
     p.add_argument("--eager", action="store_true", help="skip the traced, frozen fast path")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave unreadable files out (listed under 'skipped') instead of stopping at the first",
+    )
     _runtime_option(p)
 
     p = sub.add_parser("classify", help="top-1/top-5 accuracy on a run's held-out images")
@@ -589,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_gallery_options(), _model_option(), _search_options()],
     )
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("-k", type=int, default=5, help="candidates per face")
+    p.add_argument("-k", type=_positive_int, default=5, help="candidates per face")
     _threshold_options(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="JSON output (default)")
@@ -629,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_gallery_options("centre"), _model_option()],
     )
     p.add_argument("trials", help="LFW pairs file or img1,img2,label CSV")
-    p.add_argument("--far", type=float, default=1e-3, help="target false-accept rate")
+    p.add_argument("--far", type=_finite_float, default=1e-3, help="target false-accept rate")
     p.add_argument("--images-root", help="where relative image paths resolve")
 
     p = sub.add_parser(
@@ -691,12 +739,31 @@ def _search_options() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        return finite(float(text), "the value")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _threshold_options(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--threshold", type=float, help="decision threshold on cosine similarity")
+    group.add_argument(
+        "--threshold", type=_finite_float, help="decision threshold on cosine similarity"
+    )
     group.add_argument(
         "--far",
-        type=float,
+        type=_finite_float,
         help="use the gallery's threshold calibrated for this target FAR "
         "(default: its most recently calibrated one)",
     )
@@ -711,17 +778,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_threads()
     try:
         COMMANDS[args.command](args)
-    except (
-        ImageError,
-        CheckpointError,
-        GalleryError,
-        FileNotFoundError,
-        KeyError,
-        ValueError,
-    ) as exc:
-        log.error("%s", exc)
+    except (ImageError, CheckpointError, GalleryError, OSError, KeyError, ValueError) as exc:
+        log.error("%s", _one_line(exc))
+        return 2
+    except sqlite3.Error as exc:  # a disk or permission fault under the gallery's database
+        log.error("%s: %s", getattr(args, "gallery", "database"), exc)
         return 2
     return 0
+
+
+def _one_line(exc: Exception) -> str:
+    """An OSError as `FILE: reason` (not `[Errno 28] ...`), anything else as its message."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from facelab.data.images import read_image
+from facelab.data.images import ImageError, read_image
 from facelab.models.detectors.dlib_landmarks import dlib_box_from_mtcnn, shape_predictor_5
 from facelab.models.detectors.mtcnn import MIN_FACE_SIZE, Detections, main_face
 from facelab.models.face_model import FaceModel
@@ -34,12 +34,14 @@ log = logging.getLogger(__name__)
 class Embedded:
     """Embeddings of a list of images, row i for path i; `fallback[i]` is True where no face
     was detected and the centre-crop assumption was used; `seconds` holds the time spent
-    waiting for decoded images, detecting, aligning and embedding."""
+    waiting for decoded images, detecting, aligning and embedding; `skipped` the unreadable
+    files left out (with `skip_bad`), in order."""
 
     paths: list[Path | np.ndarray]
     embeddings: np.ndarray
     fallback: np.ndarray
     seconds: dict[str, float]
+    skipped: list[Path] = field(default_factory=list)
 
 
 def centred_landmarks(
@@ -97,8 +99,18 @@ def _as_image(item: ImageLike) -> np.ndarray:
     return item if isinstance(item, np.ndarray) else read_image(item)
 
 
-def _read_all(batch: Sequence[ImageLike]) -> list[np.ndarray]:
-    return [_as_image(item) for item in batch]
+def _read_all(batch: Sequence[ImageLike], skip_bad: bool = False) -> list[np.ndarray | None]:
+    """The decoded images; with `skip_bad` an unreadable file is logged and read as None."""
+    images: list[np.ndarray | None] = []
+    for item in batch:
+        try:
+            images.append(_as_image(item))
+        except ImageError as exc:
+            if not skip_bad:
+                raise
+            log.warning("skipped: %s", exc)
+            images.append(None)
+    return images
 
 
 def embed_images(
@@ -109,10 +121,14 @@ def embed_images(
     detector: str | object = "mtcnn",
     workers: int = 2,
     progress: bool = True,
+    skip_bad: bool = False,
 ) -> Embedded:
     """Embed each image (file path or RGB uint8 array; its main face, `face_order`) with the model's
     stored preprocessing. A background thread decodes the next batch while this one is
-    detected, aligned and embedded; `Embedded.seconds` says where the time went."""
+    detected, aligned and embedded; `Embedded.seconds` says where the time went.
+
+    An unreadable file raises ImageError naming it, or with `skip_bad` is left out of the
+    result (listed in `Embedded.skipped`)."""
     paths = [item if isinstance(item, np.ndarray) else Path(item) for item in items]
     spec = model.preprocess
     aligner = None
@@ -122,25 +138,31 @@ def embed_images(
     seconds = dict.fromkeys(("read", "detect", "align", "embed"), 0.0)
     chunks = []
     fallback = np.zeros(len(paths), dtype=bool)
+    kept: list[int] = []  # the rows of `paths` embedded
     bar = tqdm(total=len(paths), desc="embedding", unit="img", disable=not progress)
     with (
         ThreadPoolExecutor(max_workers=1) as loader,
         ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
     ):
-        upcoming = loader.submit(_read_all, batches[0]) if batches else None
+        upcoming = loader.submit(_read_all, batches[0], skip_bad) if batches else None
         for n, batch in enumerate(batches):
             tick = time.perf_counter()
             images = upcoming.result()
             if n + 1 < len(batches):
-                upcoming = loader.submit(_read_all, batches[n + 1])
+                upcoming = loader.submit(_read_all, batches[n + 1], skip_bad)
             seconds["read"] += time.perf_counter() - tick
-            start = n * batch_size
+            rows = [n * batch_size + i for i, image in enumerate(images) if image is not None]
+            images = [image for image in images if image is not None]
+            kept += rows
+            bar.update(len(batch))
+            if not images:
+                continue
             marks: list[np.ndarray | None] = [None] * len(images)
             if aligner is not None:
                 tick = time.perf_counter()
                 for i, det in enumerate(aligner.detect(images)):
                     found = main_face_landmarks(det, images[i].shape)
-                    fallback[start + i] = found is None
+                    fallback[rows[i]] = found is None
                     marks[i] = alignment_points(spec, images[i], found)
                 seconds["detect"] += time.perf_counter() - tick
             tick = time.perf_counter()
@@ -150,7 +172,6 @@ def embed_images(
             tick = time.perf_counter()
             chunks.append(model.embed_tensors(inputs, flip=flip, batch_size=batch_size))
             seconds["embed"] += time.perf_counter() - tick
-            bar.update(len(batch))
             bar.set_postfix(faces_per_s=f"{bar.n / max(bar.format_dict['elapsed'], 1e-9):.1f}")
     bar.close()
     if fallback.any():
@@ -159,4 +180,7 @@ def embed_images(
         )
     dim = chunks[0].shape[1] if chunks else model.embedding_dim
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
-    return Embedded(paths, embeddings, fallback, seconds)
+    skipped = sorted(set(range(len(paths))) - set(kept))
+    return Embedded(
+        [paths[i] for i in kept], embeddings, fallback[kept], seconds, [paths[i] for i in skipped]
+    )

@@ -13,12 +13,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from facelab.data.trials import read_text
+
 log = logging.getLogger(__name__)
 
 
 def read_labels(path: str | Path) -> dict[str, str]:
     """`image,identity` CSV (header optional) -> {image: identity}."""
-    rows = [r for r in csv.reader(Path(path).read_text().splitlines()) if r]
+    rows = [r for r in csv.reader(read_text(Path(path)).splitlines()) if r]
     if rows and [c.strip().lower() for c in rows[0]] == ["image", "identity"]:
         rows = rows[1:]
     for i, row in enumerate(rows, start=1):

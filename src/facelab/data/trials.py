@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,25 @@ def lfw_image_path(images_root: Path, name: str, number: str) -> Path:
     return images_root / name / f"{name}_{int(number):04d}.jpg"
 
 
+def read_text(path: Path) -> str:
+    """A text file's content; content that is not UTF-8 is an error naming the file and line."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _not_utf8(path: Path) -> ValueError:
+    """The error for a file that is not UTF-8 text, naming its first undecodable line."""
+    with path.open("rb") as fh:
+        for i, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return ValueError(f"{path}:{i}: not UTF-8 text (byte {exc.start + 1} of the line)")
+    return ValueError(f"{path}: not UTF-8 text")
+
+
 def read_lfw_pairs(path: str | Path, images_root: str | Path | None = None) -> list[Trial]:
     """Read LFW `pairs.txt` (View 2, 10 folds) or `pairsDevTrain/Test.txt` (View 1).
 
@@ -31,7 +52,7 @@ def read_lfw_pairs(path: str | Path, images_root: str | Path | None = None) -> l
     """
     path = Path(path)
     root = Path(images_root) if images_root is not None else path.parent / "images"
-    lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+    lines = [ln.split() for ln in read_text(path).splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"{path}: empty pair list")
     header = lines[0]
@@ -52,40 +73,75 @@ def read_lfw_pairs(path: str | Path, images_root: str | Path | None = None) -> l
     trials = []
     for i, fields in enumerate(body):
         fold = i // (2 * per_class)
-        if len(fields) == 3:
-            name, n1, n2 = fields
-            a, b, label = lfw_image_path(root, name, n1), lfw_image_path(root, name, n2), 1
-        elif len(fields) == 4:
-            a = lfw_image_path(root, fields[0], fields[1])
-            b = lfw_image_path(root, fields[2], fields[3])
-            label = 0
-        else:
-            raise ValueError(f"{path}:{i + 2}: expected 3 or 4 tab-separated fields")
+        try:
+            if len(fields) == 3:
+                name, n1, n2 = fields
+                a, b, label = lfw_image_path(root, name, n1), lfw_image_path(root, name, n2), 1
+            elif len(fields) == 4:
+                a = lfw_image_path(root, fields[0], fields[1])
+                b = lfw_image_path(root, fields[2], fields[3])
+                label = 0
+            else:
+                raise ValueError(f"{path}:{i + 2}: expected 3 or 4 tab-separated fields")
+        except ValueError as exc:
+            if str(exc).startswith(str(path)):
+                raise
+            raise ValueError(f"{path}:{i + 2}: image numbers must be integers") from None
         trials.append(Trial(a, b, label, fold if n_folds > 1 else None))
     return trials
+
+
+def is_header(first: list[str], second: list[str] | None) -> bool:
+    """Whether a trial list's first row names its columns: image fields without a file
+    suffix, and either a third field that is not a number (a label is 0 or 1) or a next row
+    whose image fields have suffixes. Suffixless names above suffixless names are data: a
+    header taken for a trial fails loudly (no such image), a trial taken for a header would
+    vanish unnoticed."""
+    if any(Path(f).suffix for f in first[:2]):
+        return False
+    if len(first) == 3 and not _is_number(first[2]):
+        return True
+    return second is not None and all(Path(f).suffix for f in second[:2])
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def iter_trial_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
     """Yield (line number, [img1, img2(, label)]) from a CSV or a whitespace-separated text
     file, one line at a time, so that a list of a million trials never sits in memory as a
-    whole; a header row (first row, no file suffix in its first two fields) is skipped."""
+    whole; a header row (`is_header`) is skipped."""
     path = Path(path)
-    with path.open(newline="") as fh:
-        first = fh.readline()
+
+    def numbered(fh: TextIO) -> Iterator[tuple[int, list[str]]]:
+        comma = "," in fh.readline()
         fh.seek(0)
         rows: Iterable[list[str]] = (
             ([c.strip() for c in r if c.strip()] for r in csv.reader(fh))
-            if "," in first
+            if comma
             else (ln.split() for ln in fh)  # split() drops the blanks itself
         )
         for i, row in enumerate(rows, start=1):
-            if not row:
-                continue
-            if len(row) not in (2, 3):
+            if row and len(row) not in (2, 3):
                 raise ValueError(f"{path}:{i}: expected img1,img2[,label], got {len(row)} fields")
-            if i == 1 and not (Path(row[0]).suffix or Path(row[1]).suffix):
-                continue  # header row such as "img1,img2,label"
-            yield i, row
+            if row:
+                yield i, row
+
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = numbered(fh)
+            head = list(itertools.islice(rows, 2))
+            if head and is_header(head[0][1], head[1][1] if len(head) > 1 else None):
+                head = head[1:]
+            yield from head
+            yield from rows
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
 
 
 def read_trial_csv(path: str | Path, images_root: str | Path | None = None) -> list[Trial]:
@@ -98,10 +154,8 @@ def read_trial_csv(path: str | Path, images_root: str | Path | None = None) -> l
     for i, row in iter_trial_rows(path):
         label: int | None = None
         if len(row) == 3:
-            try:
-                label = int(float(row[2]))
-            except ValueError:
-                label = -1
+            value = float(row[2]) if _is_number(row[2]) else -1.0
+            label = int(value) if value in (0.0, 1.0) else -1
             if label not in (0, 1):
                 raise ValueError(f"{path}:{i}: label {row[2]!r} is not 0 or 1")
         trials.append(Trial(root / row[0], root / row[1], label))
@@ -115,7 +169,7 @@ def read_trials(path: str | Path, images_root: str | Path | None = None) -> list
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: trial list not found")
-    first = path.read_text().split("\n", 1)[0].split()
+    first = read_text(path).split("\n", 1)[0].split()
     if first and all(f.isdigit() for f in first) and len(first) <= 2:
         return read_lfw_pairs(path, images_root)
     return read_trial_csv(path, images_root)
@@ -123,7 +177,7 @@ def read_trials(path: str | Path, images_root: str | Path | None = None) -> list
 
 def read_people(path: str | Path) -> list[str]:
     """Read an LFW people list (`peopleDevTrain.txt`: a count, then `name<TAB>n_images`)."""
-    lines = Path(path).read_text().split("\n")
+    lines = read_text(Path(path)).split("\n")
     return [ln.split()[0] for ln in lines[1:] if ln.strip()]
 
 

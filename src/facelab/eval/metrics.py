@@ -21,6 +21,15 @@ from numpy.typing import ArrayLike, NDArray
 FloatArray = NDArray[np.float64]
 
 
+def finite(value: float, what: str = "threshold") -> float:
+    """`value` as a float, refusing NaN and infinities: `score >= nan` is never true, so a NaN
+    threshold would silently reject everything."""
+    number = float(value)
+    if not np.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, not {value!r}")
+    return number
+
+
 def _check_binary(scores: ArrayLike, labels: ArrayLike) -> tuple[FloatArray, NDArray[np.bool_]]:
     """Return (scores as float64, labels as bool), raising ValueError on anything ambiguous."""
     s = np.asarray(scores, dtype=np.float64)
@@ -145,14 +154,9 @@ def tpr_at_fpr(scores: ArrayLike, labels: ArrayLike, target_fpr: float) -> tuple
     return float(tps[i] / n_pos), float(thresholds[i])
 
 
-def best_accuracy(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
-    """Highest accuracy over all thresholds, and the threshold achieving it.
-
-    The threshold is placed halfway between the lowest accepted and the highest rejected score,
-    so it generalises symmetrically when applied to held-out pairs (as in ``kfold_accuracy``).
-    Among equally accurate thresholds the strictest is kept (fewest false accepts).
-    """
-    s, y = _check_binary(scores, labels)
+def _best_split(s: FloatArray, y: NDArray[np.bool_]) -> tuple[float, float, str]:
+    """``best_accuracy`` on checked arrays, plus which kind of rule won: "reject_all",
+    "accept_all" or "threshold" (some pairs accepted, some rejected)."""
     tps, fps, accepted = _operating_points(s, y)
     n_pos = float(y.sum())
     n = float(len(y))
@@ -161,14 +165,26 @@ def best_accuracy(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
     correct = np.r_[n_neg, tps + (n_neg - fps)]
     k = int(np.argmax(correct))
     if k == 0:
-        threshold = _reject_all_threshold(s)
-    elif k == len(accepted):
-        threshold = float(accepted[-1])
-    else:
-        low, high = accepted[k], accepted[k - 1]
-        mid = (low + high) / 2.0
-        threshold = float(mid if mid > low else high)
-    return float(correct[k] / n), threshold
+        return float(correct[k] / n), _reject_all_threshold(s), "reject_all"
+    if k == len(accepted):
+        return float(correct[k] / n), float(accepted[-1]), "accept_all"
+    low, high = accepted[k], accepted[k - 1]
+    mid = (low + high) / 2.0
+    return float(correct[k] / n), float(mid if mid > low else high), "threshold"
+
+
+def best_accuracy(scores: ArrayLike, labels: ArrayLike) -> tuple[float, float]:
+    """Highest accuracy over all thresholds, and the threshold achieving it.
+
+    The threshold is placed halfway between the lowest accepted and the highest rejected score,
+    so it generalises symmetrically when applied to held-out pairs (as in ``kfold_accuracy``).
+    Among equally accurate thresholds the strictest is kept (fewest false accepts). When
+    accepting (rejecting) every pair is best, the threshold is the lowest score (just above the
+    highest).
+    """
+    s, y = _check_binary(scores, labels)
+    accuracy, threshold, _ = _best_split(s, y)
+    return accuracy, threshold
 
 
 def _fold_ids(folds: int | ArrayLike, n: int) -> NDArray[Any]:
@@ -196,6 +212,13 @@ def kfold_accuracy(scores: ArrayLike, labels: ArrayLike, folds: int | ArrayLike)
     folds, so no test pair influences its own threshold. ``std`` is the population standard
     deviation (``np.std``, ddof=0), as insightface and most LFW tables report it.
 
+    When the other folds are best served by accepting every pair (or rejecting every pair), the
+    held-out fold is decided the same way, every pair accepted (rejected): its threshold is the
+    lowest score of all folds (just above the highest). Otherwise a held-out score beyond the
+    training folds' extreme score would land on the other side of a threshold that only stood
+    for "everything", and the fold's result would depend on where the training scores happened
+    to end. Only the held-out scores' range is used, never their labels.
+
     Returns ``{"mean", "std", "accuracies", "thresholds"}`` with plain floats, folds in
     ascending id order.
     """
@@ -207,7 +230,11 @@ def kfold_accuracy(scores: ArrayLike, labels: ArrayLike, folds: int | ArrayLike)
         test = ids == fold
         if len(np.unique(y[~test])) < 2:
             raise ValueError(f"the folds other than {fold!r} hold only one class of pairs")
-        _, threshold = best_accuracy(s[~test], y[~test])
+        _, threshold, rule = _best_split(s[~test], y[~test])
+        if rule == "accept_all":
+            threshold = float(s.min())
+        elif rule == "reject_all":
+            threshold = _reject_all_threshold(s)
         accuracies.append(float(np.mean((s[test] >= threshold) == y[test])))
         thresholds.append(threshold)
     return {

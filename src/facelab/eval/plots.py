@@ -7,15 +7,15 @@ global backend state is touched and plotting is safe in servers and worker threa
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from facelab.fileio import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -31,26 +31,10 @@ def _new_figure(size: tuple[float, float] = (6.0, 4.5)) -> Figure:
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike[str]) -> Path:
-    """Write to a temporary file in the target folder, fsync, then rename over ``path``.
-
-    Readers never see a half-written image, even if plotting fails midway.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=120)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a figure is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """`fileio.atomic_write`: readers never see a half-written image, even if plotting fails
+    midway, and a full disk is an error naming ``path``."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    return atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=120))
 
 
 def plot_roc(

@@ -193,6 +193,7 @@ class PostgresStore(GalleryStore):
             ) from exc
         self.path = redact(address)
         self.address = address
+        self.read_only = False  # GalleryStore's flag for unwritable files; a database is not one
         try:
             raw = psycopg.connect(
                 address,

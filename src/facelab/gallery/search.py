@@ -179,6 +179,12 @@ class Match:
     score: float
 
 
+def check_k(k: int) -> None:
+    """Refuse a candidate count below 1 (k=0 had no best match; a negative k sliced all)."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k (candidates per face) must be an integer >= 1, not {k!r}")
+
+
 class GallerySearch:
     """Top-k identities of query embeddings in a gallery, kept consistent with the store."""
 
@@ -260,11 +266,13 @@ class GallerySearch:
 
     def search(self, queries: np.ndarray, k: int = 5) -> list[list[Match]]:
         """The k best identities (fewer if fewer are enrolled) for each query, best first."""
+        check_k(k)
         self.refresh()
         return self.query(queries, k)
 
     def query(self, queries: np.ndarray, k: int = 5) -> list[list[Match]]:
         """`search` on the index as it is, without asking the store about changes."""
+        check_k(k)
         if self._index is None or not self._live:
             raise GalleryError(f"{self.store.path}: gallery is empty; enroll someone first")
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))

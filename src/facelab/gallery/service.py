@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,10 +45,10 @@ from facelab.eval.identification import (
     dir_far_curve,
     rank_k_accuracy,
 )
-from facelab.eval.metrics import tpr_at_fpr
+from facelab.eval.metrics import finite, tpr_at_fpr
 from facelab.fileio import atomic_write_csv, atomic_write_text
-from facelab.gallery.backends import open_store
-from facelab.gallery.search import GallerySearch, Match, identity_rows
+from facelab.gallery.backends import gallery_exists, open_store
+from facelab.gallery.search import GallerySearch, Match, check_k, identity_rows
 from facelab.gallery.store import (
     MEMORY,
     UNKNOWN,
@@ -58,6 +58,7 @@ from facelab.gallery.store import (
     GalleryStore,
     ModelInfo,
     Threshold,
+    identity_name,
 )
 from facelab.models.detectors.mtcnn import face_order
 from facelab.models.face_model import FaceModel
@@ -205,40 +206,69 @@ def enroll_people(
 ) -> EnrollReport:
     """Enroll several people in one transaction: all of them are stored, or (on any error or
     a kill) none. A name already enrolled is refused before anything is embedded unless
-    `append`, which adds the new images to it."""
-    names = {name: name.strip() for name in people}
+    `append`, which adds the new images to it. A gallery file that does not exist yet is made
+    only when there are faces to store: a failed first enrollment leaves no file behind."""
+    names = checked_names(people)
     for raw, name in names.items():
-        if not name or name.casefold() == UNKNOWN:
-            raise GalleryError(
-                f"{raw!r} cannot be an identity name (empty, or the word {UNKNOWN!r})"
-            )
         if not people[raw]:
             raise GalleryError(f"{name!r}: no images to enroll")
     info = ModelInfo.of(model)
-    with _opened(gallery, create=True) as store:
-        store.check_model(info)
-        clash = sorted(name for name in set(names.values()) if store.contains(name))
-        if clash and not append:
-            raise GalleryConflict(
-                f"{store.path}: already enrolled: {', '.join(map(repr, clash))}; "
-                f"pass append to add images to them"
-            )
-        owners = [name for raw, name in names.items() for _ in people[raw]]
-        items = [item for raw in names for item in people[raw]]
-        faces = find_faces(
-            model, items, all_faces=all_faces, no_face=no_face, detector=detector, progress=progress
+    if isinstance(gallery, GalleryStore) or gallery_exists(gallery):
+        with _opened(gallery) as store:  # refuse early, before the embedding work
+            _check_enrollable(store, info, set(names.values()), append)
+    owners = [name for raw, name in names.items() for _ in people[raw]]
+    items = [item for raw in names for item in people[raw]]
+    faces = find_faces(
+        model, items, all_faces=all_faces, no_face=no_face, detector=detector, progress=progress
+    )
+    by_name: dict[str, list[EnrolledFace]] = {name: [] for name in names.values()}
+    for f in faces:
+        by_name[owners[f.item]].append(EnrolledFace(f.image, f.sha256, f.face, f.embedding))
+    for name in [n for n, got in by_name.items() if not got]:
+        log.warning("%r: no face in any of its images, not enrolled", name)
+        del by_name[name]
+    used = {f.item for f in faces}
+    skipped = [str(item) for i, item in enumerate(items) if i not in used]
+    path = gallery.path if isinstance(gallery, GalleryStore) else str(gallery)
+    if by_name:
+        with _opened(gallery, create=True) as store:  # add() checks model and names again
+            store.add(by_name, info, append=append)
+    log.info("%s: enrolled %d identities (%d faces)", path, len(by_name), len(faces))
+    return EnrollReport(path, {n: len(v) for n, v in by_name.items()}, skipped)
+
+
+def _check_enrollable(store: GalleryStore, info: ModelInfo, names: set[str], append: bool) -> None:
+    store.check_writable()
+    store.check_model(info)
+    clash = sorted(name for name in names if store.contains(name))
+    if clash and not append:
+        raise GalleryConflict(
+            f"{store.path}: already enrolled: {', '.join(map(repr, clash))}; "
+            f"pass append to add images to them"
         )
-        by_name: dict[str, list[EnrolledFace]] = {name: [] for name in names.values()}
-        for f in faces:
-            by_name[owners[f.item]].append(EnrolledFace(f.image, f.sha256, f.face, f.embedding))
-        for name in [n for n, got in by_name.items() if not got]:
-            log.warning("%r: no face in any of its images, not enrolled", name)
-            del by_name[name]
-        store.add(by_name, info, append=append)
-        used = {f.item for f in faces}
-        skipped = [str(item) for i, item in enumerate(items) if i not in used]
-        log.info("%s: enrolled %d identities (%d faces)", store.path, len(by_name), len(faces))
-        return EnrollReport(store.path, {n: len(v) for n, v in by_name.items()}, skipped)
+
+
+def checked_names(raws: Iterable[str], where: str = "identity names") -> dict[str, str]:
+    """{raw name: identity name} (`identity_name`); every invalid name, and every group of raw
+    names that normalise to one name, is reported at once (GalleryError, led by `where`)."""
+    names: dict[str, str] = {}
+    problems = []
+    for raw in raws:
+        try:
+            names[raw] = identity_name(raw)
+        except GalleryError as exc:
+            problems.append(str(exc))
+    by_name: dict[str, list[str]] = {}
+    for raw, name in names.items():
+        by_name.setdefault(name, []).append(raw)
+    problems += [
+        f"{' and '.join(map(ascii, same))} are one name, {name!r}"
+        for name, same in by_name.items()
+        if len(same) > 1
+    ]
+    if problems:
+        raise GalleryError(f"{where}: {'; '.join(problems)}")
+    return names
 
 
 def enroll(
@@ -255,8 +285,10 @@ def enroll(
 def enroll_tree(
     gallery: GalleryLike, model: FaceModel, root: str | Path, **options: Any
 ) -> EnrollReport:
-    """Enroll every identity folder under `root` (one sub-folder per person) at once."""
+    """Enroll every identity folder under `root` (one sub-folder per person) at once; folder
+    names must be valid identity names (`identity_name`), all of them are checked first."""
     folder = IdentityFolder.scan(root)
+    checked_names(folder.identities, where=f"{root}: identity folders")
     people: dict[str, list[Path]] = {name: [] for name in folder.identities}
     for sample in folder.samples:
         people[folder.identities[sample.label]].append(sample.path)
@@ -274,7 +306,9 @@ def resolve_threshold(
     if threshold is not None:
         if far is not None:
             raise ValueError("give a threshold or a target FAR, not both")
-        return Threshold(float(threshold), source="given by the caller")
+        return Threshold(finite(threshold, "threshold"), source="given by the caller")
+    if far is not None:
+        finite(far, "target FAR")
     return store.threshold(far)
 
 
@@ -348,6 +382,7 @@ def identify(
 
     Pass a `GallerySearch` to reuse its index across calls (it rebuilds itself when the
     gallery changes)."""
+    check_k(k)
     with _opened(gallery) as store:
         store.check_model(ModelInfo.of(model))
         chosen = resolve_threshold(store, threshold, far)

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,30 @@ class GalleryError(ValueError):
 
 class GalleryConflict(GalleryError):
     """Refused because the name is already enrolled (by this or another process)."""
+
+
+class GalleryBusy(GalleryError):
+    """Another process held the gallery's write lock for longer than the busy timeout."""
+
+
+def identity_name(raw: str) -> str:
+    """The one rule for identity names (enroll, rename): the name NFC-normalised, so that the
+    composed and decomposed spellings of one name are one identity; refused when empty, with
+    leading or trailing whitespace (`Ada ` is not silently `Ada`), with control characters or
+    line breaks (they break line-based listings), or the reserved decision label `unknown`."""
+    name = unicodedata.normalize("NFC", raw) if isinstance(raw, str) else ""
+    bad = [ch for ch in name if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp")]
+    if not name:
+        problem = "empty"
+    elif name != name.strip():
+        problem = "leading or trailing whitespace"
+    elif bad:
+        problem = f"control character {bad[0]!r}"
+    elif name.casefold() == UNKNOWN:
+        problem = f"{UNKNOWN!r} is the label of an unrecognised face"
+    else:
+        return name
+    raise GalleryError(f"{raw!r} cannot be an identity name ({problem})")
 
 
 @dataclass(frozen=True)
@@ -155,18 +181,49 @@ class Snapshot:
     embeddings: np.ndarray
 
 
+def _writable(path: Path) -> bool:
+    """Whether SQLite may write the gallery: the file and its folder (for -wal and -shm)."""
+    return all(os.access(p, os.W_OK, effective_ids=True) for p in (path, path.parent))
+
+
+def _read_only_uri(path: Path) -> str:
+    """An SQLite URI opening `path` read-only. Where its folder cannot be written and it has
+    no write-ahead log, nobody can be writing it, and SQLite (which could not make the -shm
+    file a WAL reader needs) is told the file is immutable."""
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    wal = path.with_name(path.name + "-wal")
+    if not os.access(path.parent, os.W_OK, effective_ids=True) and not wal.exists():
+        uri += "&immutable=1"
+    return uri
+
+
 class GalleryStore:
     """An open gallery file. `create=True` makes a new empty gallery when the file is absent;
-    `":memory:"` gives a throw-away gallery (used by the mapping task and evaluations)."""
+    `":memory:"` gives a throw-away gallery (used by the mapping task and evaluations).
+
+    An existing file is first looked at read-only: anything but a facelab gallery (or an SQLite
+    file without tables) is refused unchanged. A gallery that cannot be written (`read_only`)
+    stays readable: it is opened read-only, without switching it to WAL."""
 
     def __init__(self, path: str | Path, create: bool = False, timeout: float = 60.0) -> None:
         self.path = str(path)
+        self.read_only = False
+        target = self.path
         if self.path != MEMORY:
-            if not create and not Path(self.path).is_file():
+            file = Path(self.path)
+            if file.is_file():
+                self.read_only = not _writable(file)
+                self._refuse_foreign(timeout)
+            elif not create:
                 raise GalleryError(f"{self.path}: no gallery file (enroll someone to create it)")
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            else:
+                file.parent.mkdir(parents=True, exist_ok=True)
+            if self.read_only:
+                target = _read_only_uri(file)
         try:
-            self._conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+            self._conn = sqlite3.connect(
+                target, timeout=timeout, isolation_level=None, uri=self.read_only
+            )
         except sqlite3.Error as exc:
             raise GalleryError(f"{self.path}: cannot open gallery ({exc})") from exc
         try:
@@ -181,8 +238,27 @@ class GalleryStore:
             self._conn.close()
             raise
 
+    def _refuse_foreign(self, timeout: float) -> None:
+        """Read the schema of an existing file read-only, before anything may change it."""
+        uri = _read_only_uri(Path(self.path))
+        try:
+            with closing(sqlite3.connect(uri, uri=True, timeout=timeout)) as db:
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+                ours = (
+                    "meta" in tables
+                    and db.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone()
+                )
+        except sqlite3.DatabaseError as exc:
+            raise GalleryError(f"{self.path}: not a readable facelab gallery ({exc})") from exc
+        if tables and not ours:
+            raise GalleryError(
+                f"{self.path}: an SQLite file, but not a facelab gallery (left unchanged)"
+            )
+
     def _open_schema(self) -> None:
         version = self._schema_version()
+        if version is None and self.read_only:
+            raise GalleryError(f"{self.path}: an empty gallery file that is read-only")
         if version is None:
             if self._conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self._conn.execute("PRAGMA journal_mode = WAL")
@@ -229,7 +305,15 @@ class GalleryStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: all of it is committed, or (on any error or a kill) none."""
-        self._conn.execute("BEGIN IMMEDIATE")
+        self.check_writable()
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            raise GalleryBusy(
+                f"{self.path}: gallery busy: another process is writing to it ({exc})"
+            ) from exc
         try:
             yield self._conn
         except BaseException:
@@ -245,6 +329,11 @@ class GalleryStore:
             yield self._conn
         finally:
             self._conn.execute("COMMIT")
+
+    def check_writable(self) -> None:
+        """Refuse, before any work, a change to a gallery opened read-only."""
+        if self.read_only:
+            raise GalleryError(f"{self.path}: the gallery file is read-only; nothing changed")
 
     def _bump(self, db: sqlite3.Connection) -> None:
         db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision'")
@@ -326,6 +415,7 @@ class GalleryStore:
         return count
 
     def rename(self, old: str, new: str) -> None:
+        new = identity_name(new)
         with self._write() as db:
             self._image_count(db, old)
             if db.execute("SELECT 1 FROM identities WHERE name = ?", (new,)).fetchone():

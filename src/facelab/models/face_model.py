@@ -48,7 +48,7 @@ class FaceModel(nn.Module):
         spec = preprocess or entry.preprocess or Preprocess()
         if "input_size" in kwargs:
             spec = replace(spec, size=int(kwargs["input_size"]))
-        return cls(entry.constructor(**kwargs), spec, name, kwargs)
+        return cls(BACKBONES.create(name, **kwargs), spec, name, kwargs)
 
     @property
     def embedding_dim(self) -> int:

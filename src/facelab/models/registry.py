@@ -6,6 +6,7 @@ how its input must look.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,13 @@ class Registry:
             raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
     def create(self, name: str, **kwargs: Any) -> Any:
-        return self.get(name).constructor(**kwargs)
+        """Build `name`; options it does not take (a typo in a config) are a ValueError."""
+        constructor = self.get(name).constructor
+        try:
+            inspect.signature(constructor).bind(**kwargs)
+        except TypeError as exc:
+            raise ValueError(f"{self.kind} {name!r}: {exc}") from None
+        return constructor(**kwargs)
 
     def names(self) -> list[str]:
         _load_builtin_models()

@@ -4,8 +4,11 @@ Every endpoint but `/healthz`, `/` and the OpenAPI document needs an API key (`s
 `ro` keys may embed, verify, identify and list, `rw` keys may also enroll and delete. Bodies
 are multipart uploads or base64 JSON (`inputs.py`), capped in bytes (413), images are checked
 against a pixel limit from their header before decoding (413) and refused when they are not
-images (415/422). Every error is JSON `{"error": code, "detail": sentence}`. Uploaded images
-live in memory only, unless an enrollment asks to keep them (written under `keep_dir`).
+images (415/422). Every error is JSON `{"error": code, "detail": sentence}`, naming no server
+path. Uploaded images live in memory only, unless an enrollment asks to keep them (written
+under `keep_dir`, `kept.py`). Work per request is bounded (`limits.py`), requests from other
+sites and to other host names are refused, and so are clients sending wrong keys too often
+(`security.py`); docs/security.md describes the whole model.
 
 The model sits behind dynamic batching queues (`batching.py`); requests run in worker threads
 and call `find_faces`, `enroll`, `verify_claim` and `identify` from `facelab.gallery`.
@@ -16,11 +19,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import math
 import re
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,30 +38,39 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from facelab.data.folders import IMAGE_SUFFIXES
 from facelab.data.images import ImageError
-from facelab.fileio import atomic_write
 from facelab.gallery import (
     GalleryError,
+    GalleryStore,
     ModelInfo,
     Threshold,
+    backends,
     enroll,
     find_faces,
     identify,
     verify_claim,
 )
-from facelab.gallery.backends import GalleryAddress, open_store
 from facelab.gallery.postgres import GalleryUnavailable, is_postgres_address
 from facelab.gallery.replica import GalleryReplica
 from facelab.gallery.service import resolve_threshold
-from facelab.gallery.store import GalleryConflict
+from facelab.gallery.store import GalleryBusy, GalleryConflict
 from facelab.models.export import OnnxFaceModel
 from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS
 from facelab.models.registry import DETECTORS
+from facelab.serve import kept
 from facelab.serve.batching import BatchedDetector, BatchedFaceModel
-from facelab.serve.inputs import ApiError, BodySpec, ImageField, Upload, decode_uploads
-from facelab.serve.security import ApiKeys, BodyLimit, KeyConfigError
+from facelab.serve.inputs import ApiError, BodySpec, ImageField, Upload
+from facelab.serve.limits import Decoded, WorkLimits, deadline, decode_uploads
+from facelab.serve.security import (
+    LOOPBACK_HOSTS,
+    ApiKeys,
+    BodyLimit,
+    FailureLimiter,
+    HeaderTimeoutProtocol,
+    KeyConfigError,
+    SameOrigin,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +86,29 @@ Far = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 class ServeConfig:
     """What the server needs besides the model; the defaults suit a small deployment."""
 
-    gallery: GalleryAddress  # a file, or postgresql://... shared by several replicas
+    gallery: backends.GalleryAddress  # a file, or postgresql://... shared by several replicas
     keys: ApiKeys = ApiKeys()
     insecure_local: bool = False  # no key needed; `run` then binds 127.0.0.1 only
     max_upload_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 24_000_000
+    max_pixels: int = 24_000_000  # per image, from its header
+    # bounded work per request (limits.py): pixels of all images, the working size images
+    # are reduced to before detection, faces per image, and seconds
+    max_request_pixels: int = 100_000_000
+    max_side: int = 1280
+    max_faces: int = 20
+    request_seconds: float = 60.0
     max_images: int = 10
     max_batch: int = 8  # 1 = no batching: one model call per face, one at a time
     max_wait_ms: float = 5.0
     keep_dir: Path | None = None  # where enrollments asking to keep images write them
     model_source: str | None = None  # recorded in the gallery (how to load the model again)
     search: str = "exact"  # the in-memory index's method (gallery.search.METHODS)
+    # Host names the server answers to besides localhost, 127.0.0.1 and [::1]; with none,
+    # a keyed server answers to any (the key is the protection), an insecure one to loopback.
+    allowed_hosts: tuple[str, ...] = ()
+    busy_seconds: float = 2.0  # wait for another process's gallery write lock, then 503
+    read_seconds: float = 30.0  # to receive a request's body once its headers are in
+    key_failures: FailureLimiter = field(default_factory=FailureLimiter)
 
 
 # -- request options (the non-image fields of each body) ----------------------------------------
@@ -241,7 +266,7 @@ class InfoOut(BaseModel):
     alignment: str
     runtime: str
     batching: dict[str, Any]
-    limits: dict[str, int]
+    limits: dict[str, int | float]
     thresholds: list[ThresholdOut]
     gallery: dict[str, Any]  # backend, revision served, stale (and since when, why)
 
@@ -252,12 +277,15 @@ class HealthOut(BaseModel):
 
 ERRORS = {
     401: "no API key, or an unknown one",
-    403: "a read-only key on a write endpoint",
+    403: "a read-only key on a write endpoint, or a request made by a page of another site",
     404: "no such identity",
+    408: "the body did not arrive in time",
     409: "the name is already enrolled",
-    413: "body over the upload limit, or an image over the pixel limit",
+    413: "body over the upload limit, or images over the pixel limits",
     415: "body or part that is not JSON, multipart or an image",
     422: "invalid request, undecodable image, no face found, or no threshold",
+    429: "too many wrong keys from this client; retry after Retry-After seconds",
+    503: "gallery busy (another process is writing), or request over its time limit",
 }
 
 
@@ -277,11 +305,16 @@ def _face_out(field: str, face: int, box: tuple[float, ...] | None) -> dict[str,
     return {"image": field, "face": face, "box": list(box) if box is not None else None}
 
 
-def _kept_name(upload: Upload) -> str:
-    """Content-addressed file name, with the client's suffix when it is an image suffix."""
-    suffix = Path(upload.filename).suffix.lower()
-    digest = hashlib.sha256(upload.data).hexdigest()[:24]
-    return digest + (suffix if suffix in IMAGE_SUFFIXES else ".img")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"()<>]+/)+([^\s/'\"()<>]*)")
+
+
+def _public(detail: str, paths: dict[str, str]) -> str:
+    """An error sentence fit for a client: the server's own paths (`paths`: path -> what to
+    show) and any other absolute path shortened to its last part, object addresses dropped."""
+    for path, shown in sorted(paths.items(), key=lambda p: -len(p[0])):
+        detail = detail.replace(path, shown)
+    return _ABSOLUTE_PATH.sub(r"\1", _ADDRESS.sub("", detail))
 
 
 def _content_security_policy(page: bytes) -> str:
@@ -305,24 +338,50 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             "(or, for a local trial only, --insecure-local)"
         )
     wait = config.max_wait_ms / 1000
+    work = WorkLimits(
+        config.max_pixels,
+        config.max_request_pixels,
+        config.max_side,
+        config.max_faces,
+        config.request_seconds,
+    )
     served = BatchedFaceModel(model, config.max_batch, wait)
     detector: BatchedDetector | None = None
     if model.preprocess.alignment in LANDMARK_ALIGNMENTS:
-        detector = BatchedDetector(DETECTORS.create("mtcnn"), config.max_batch, wait)
+        mtcnn = DETECTORS.create("mtcnn")
+        detector = BatchedDetector(mtcnn, config.max_batch, wait, max_faces=work.max_faces)
     info = ModelInfo.of(served)
-    with open_store(config.gallery, create=True) as store:
+    keep_dir = config.keep_dir or _default_keep_dir(config.gallery)
+    with backends.open_store(config.gallery, create=True) as store:
         store.check_model(info)
         if config.model_source:
             store.set_model_source(config.model_source)
+        kept.reconcile(store, keep_dir)
     replica = GalleryReplica(config.gallery, config.search)
-    keep_dir = config.keep_dir or _default_keep_dir(config.gallery)
     page = resources.files("facelab.serve").joinpath("static/index.html").read_bytes()
     page_policy = _content_security_policy(page)
     limits = {
         "max_upload_bytes": config.max_upload_bytes,
-        "max_pixels": config.max_pixels,
         "max_images": config.max_images,
+        "max_pixels": config.max_pixels,
+        "max_request_pixels": config.max_request_pixels,
+        "max_side": config.max_side,
+        "max_faces": config.max_faces,
+        "request_seconds": config.request_seconds,
     }
+    hosts = (*LOOPBACK_HOSTS, *config.allowed_hosts)
+    if not config.allowed_hosts and not config.insecure_local:
+        hosts = ()  # keyed, no names configured: any host name (the key protects)
+    server_paths = {
+        str(p): p.name
+        for base in (config.gallery, keep_dir)
+        if not is_postgres_address(base)
+        for p in (Path(base), Path(base).resolve(), Path(base).parent.resolve())
+    }
+
+    def open_store(create: bool = False) -> GalleryStore:
+        """The gallery, waiting at most `busy_seconds` for another writer (then 503)."""
+        return backends.open_store(config.gallery, create=create, timeout=config.busy_seconds)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -339,16 +398,28 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, max_bytes=config.max_upload_bytes)
+    app.add_middleware(SameOrigin, hosts=hosts)
 
     def require(role: str) -> Callable[..., None]:
         def check(
+            request: Request,
             key: Annotated[str | None, Depends(API_KEY)],
             token: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
         ) -> None:
             if config.insecure_local:
                 return
+            client = request.client.host if request.client else "unknown"
+            wait = config.key_failures.retry_after(client)
+            if wait > 0:
+                raise ApiError(
+                    429,
+                    "too_many_failures",
+                    f"too many wrong keys from this address; retry in {math.ceil(wait)} s",
+                    headers={"Retry-After": str(math.ceil(wait))},
+                )
             granted = config.keys.role(key or (token.credentials if token else None))
             if granted is None:
+                config.key_failures.fail(client)
                 raise ApiError(401, "unauthorized", "send a valid API key as X-API-Key")
             if role == "rw" and granted != "rw":
                 raise ApiError(403, "forbidden", "this key is read-only")
@@ -359,13 +430,29 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
 
     # -- errors ---------------------------------------------------------------------------------
 
-    def error(status: int, code: str, detail: str) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse({"error": code, "detail": detail}, status, headers=headers)
+    def error(
+        status: int, code: str, detail: str, headers: dict[str, str] | None = None
+    ) -> JSONResponse:
+        headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
+        body = {"error": code, "detail": _public(detail, server_paths)}
+        return JSONResponse(body, status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error(exc.status, exc.error, exc.detail)
+        return error(exc.status, exc.error, exc.detail, exc.headers)
+
+    @app.exception_handler(GalleryBusy)
+    async def _busy(_: Request, exc: GalleryBusy) -> JSONResponse:
+        detail = "gallery busy: another process is writing to it; try again shortly"
+        return error(503, "gallery_busy", detail, {"Retry-After": "1"})
+
+    @app.exception_handler(GalleryConflict)
+    async def _conflict(_: Request, exc: GalleryConflict) -> JSONResponse:
+        return error(409, "conflict", str(exc))
+
+    @app.exception_handler(GalleryUnavailable)
+    async def _unavailable(_: Request, exc: GalleryUnavailable) -> JSONResponse:
+        return error(503, "gallery_unavailable", str(exc))
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -378,14 +465,6 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         return error(422, "invalid_request", detail)
-
-    @app.exception_handler(GalleryConflict)
-    async def _conflict(_: Request, exc: GalleryConflict) -> JSONResponse:
-        return error(409, "conflict", str(exc))
-
-    @app.exception_handler(GalleryUnavailable)
-    async def _unavailable(_: Request, exc: GalleryUnavailable) -> JSONResponse:
-        return error(503, "gallery_unavailable", str(exc))
 
     @app.exception_handler(GalleryError)
     @app.exception_handler(ImageError)
@@ -411,7 +490,21 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     # -- routes ---------------------------------------------------------------------------------
 
     async def body(request: Request, spec: BodySpec) -> tuple[Any, list[Upload]]:
-        return await spec.parse(request, config.max_images, config.max_upload_bytes)
+        return await spec.parse(
+            request, config.max_images, config.max_upload_bytes, config.read_seconds
+        )
+
+    async def bounded(fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in a worker thread, held to the request time limit."""
+
+        def run_with_deadline() -> Any:
+            with deadline(work.seconds):
+                return fn(*args)
+
+        return await run_in_threadpool(run_with_deadline)
+
+    def decode(uploads: list[Upload]) -> list[Decoded]:
+        return decode_uploads(uploads, work)
 
     def kept_folder(name: str) -> Path:
         """keep_dir/NAME, checked to be directly inside keep_dir (names are validated too)."""
@@ -423,7 +516,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     def operation(spec: BodySpec, *codes: int) -> dict[str, Any]:
         return {
             "openapi_extra": {"requestBody": spec.openapi(config.max_images)},
-            "responses": _responses(401, 403, 413, 415, 422, *codes),
+            "responses": _responses(401, 403, 408, 413, 415, 422, 429, 503, *codes),
         }
 
     @app.get("/healthz", response_model=HealthOut)
@@ -434,11 +527,13 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": page_policy})
 
-    @app.get("/v1/info", response_model=InfoOut, dependencies=[read], responses=_responses(401))
+    @app.get(
+        "/v1/info", response_model=InfoOut, dependencies=[read], responses=_responses(401, 429)
+    )
     def model_info() -> InfoOut:
         """The served model, batching statistics, limits and the gallery's thresholds."""
         try:
-            with open_store(config.gallery) as store:
+            with open_store() as store:
                 thresholds = [ThresholdOut.of(t) for t in store.thresholds()]
         except GalleryUnavailable:
             thresholds = []  # unknown now; `gallery` says the replica is stale and why
@@ -466,23 +561,28 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         """Embeddings (L2-normalised) and boxes of the faces in one image."""
         opts, uploads = await body(request, EMBED)
 
-        def work() -> EmbedOut:
-            images = decode_uploads(uploads, config.max_pixels)
+        def embed_faces() -> EmbedOut:
+            images = decode(uploads)
             faces = find_faces(
-                served, images, all_faces=opts.all_faces, no_face=opts.no_face, detector=detector
+                served,
+                [d.image for d in images],
+                all_faces=opts.all_faces,
+                no_face=opts.no_face,
+                detector=detector,
             )
             return EmbedOut(
                 model=info.name,
                 fingerprint=info.fingerprint,
                 faces=[
                     EmbeddedFace(
-                        **_face_out("image", f.face, f.box), embedding=f.embedding.tolist()
+                        **_face_out("image", f.face, images[f.item].original_box(f.box)),
+                        embedding=f.embedding.tolist(),
                     )
                     for f in faces
                 ],
             )
 
-        return await run_in_threadpool(work)
+        return await bounded(embed_faces)
 
     @app.post("/v1/verify", response_model=VerifyOut, dependencies=[read], **operation(VERIFY, 404))
     async def verify(request: Request) -> VerifyOut:
@@ -492,20 +592,22 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         opts, uploads = await body(request, VERIFY)
         fields = [u.field for u in uploads]
         if fields == ["image"] and opts.identity is not None:
-            return await run_in_threadpool(claim, opts, uploads)
+            return await bounded(claim, opts, uploads)
         if fields == ["image_a", "image_b"] and opts.identity is None:
-            return await run_in_threadpool(compare, opts, uploads)
+            return await bounded(compare, opts, uploads)
         raise ApiError(422, "invalid_request", "send image_a and image_b, or image and identity")
 
     def compare(opts: VerifyOptions, uploads: list[Upload]) -> VerifyOut:
-        images = decode_uploads(uploads, config.max_pixels)
-        faces = find_faces(served, images, no_face=opts.no_face, detector=detector)
+        images = decode(uploads)
+        faces = find_faces(
+            served, [d.image for d in images], no_face=opts.no_face, detector=detector
+        )
         missing = sorted({0, 1} - {f.item for f in faces})
         if missing:
             raise ApiError(422, "no_face", f"no face found in {uploads[missing[0]].field}")
         score = float(faces[0].embedding @ faces[1].embedding)
         given = opts.threshold is not None or opts.far is not None
-        with open_store(config.gallery) as store:
+        with open_store() as store:
             threshold = None
             if given or store.thresholds():
                 threshold = resolve_threshold(store, opts.threshold, opts.far)
@@ -517,19 +619,24 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             decision=decision,
             threshold=ThresholdOut.of(threshold) if threshold else None,
             identity=None,
-            faces=[FaceOut(**_face_out(uploads[f.item].field, f.face, f.box)) for f in faces],
+            faces=[
+                FaceOut(
+                    **_face_out(uploads[f.item].field, f.face, images[f.item].original_box(f.box))
+                )
+                for f in faces
+            ],
         )
 
     def claim(opts: VerifyOptions, uploads: list[Upload]) -> VerifyOut:
-        images = decode_uploads(uploads, config.max_pixels)
-        with open_store(config.gallery) as store:
+        images = decode(uploads)
+        with open_store() as store:
             if not store.contains(opts.identity):
                 raise ApiError(404, "not_found", f"{opts.identity!r} is not enrolled")
             result = verify_claim(
                 store,
                 served,
                 opts.identity,
-                images[0],
+                images[0].image,
                 threshold=opts.threshold,
                 far=opts.far,
                 no_face=opts.no_face,
@@ -551,16 +658,16 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         best one if its score reaches the threshold, else "unknown")."""
         opts, uploads = await body(request, IDENTIFY)
 
-        def work() -> IdentifyOut:
-            images = decode_uploads(uploads, config.max_pixels)
-            with open_store(config.gallery) as store:
+        def identify_faces() -> IdentifyOut:
+            images = decode(uploads)
+            with open_store() as store:
                 chosen = resolve_threshold(store, opts.threshold, opts.far)
                 if store.is_empty():
                     raise ApiError(422, "empty_gallery", "nobody is enrolled yet")
                 results = identify(
                     store,
                     served,
-                    images,
+                    [d.image for d in images],
                     k=opts.k,
                     threshold=opts.threshold,
                     far=opts.far,
@@ -572,7 +679,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             return IdentifyOut(
                 faces=[
                     IdentifiedFace(
-                        **_face_out("image", r.face, r.box),
+                        **_face_out("image", r.face, images[0].original_box(r.box)),
                         identity=r.identity,
                         score=r.score,
                         candidates=[
@@ -584,7 +691,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
                 threshold=ThresholdOut.of(chosen),
             )
 
-        return await run_in_threadpool(work)
+        return await bounded(identify_faces)
 
     @app.post(
         "/v1/enroll", response_model=EnrollOut, dependencies=[write], **operation(ENROLL, 409)
@@ -593,38 +700,35 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         """Enroll one person from one or a few photos (refused if the name is enrolled, unless
         `append`). Photos are kept on the server only with `keep_images`."""
         opts, uploads = await body(request, ENROLL)
-        return await run_in_threadpool(enroll_uploads, opts, uploads)
+        return await bounded(enroll_uploads, opts, uploads)
 
     def enroll_uploads(opts: EnrollOptions, uploads: list[Upload]) -> EnrollOut:
-        images = decode_uploads(uploads, config.max_pixels)  # refuse bad images before keeping
-        with open_store(config.gallery) as store:
+        """Photos kept with `keep_images` and the gallery rows are one unit (`kept.py`): the
+        files are written under pending names first and settled after the commit."""
+        images = [d.image for d in decode(uploads)]  # refuse bad images before keeping
+        with open_store(create=True) as store:
             if not opts.append and store.contains(opts.name):
                 raise ApiError(409, "conflict", f"{opts.name!r} is already enrolled")
-        kept: list[Path] = []
-        items: list[Any] = images
-        if opts.keep_images:
-            new = [kept_folder(opts.name) / _kept_name(u) for u in uploads]
-            for path, upload in zip(new, uploads, strict=True):
-                if not path.exists():
-                    atomic_write(path, lambda fh, data=upload.data: fh.write(data))
-                    kept.append(path)
-            items = new
-        try:
-            report = enroll(
-                config.gallery,
-                served,
-                opts.name,
-                items,
-                append=opts.append,
-                all_faces=opts.all_faces,
-                no_face=opts.no_face,
-                detector=detector,
-                progress=False,
-            )
-        except BaseException:
-            for path in kept:  # nothing enrolled: keep nothing new either
-                path.unlink(missing_ok=True)
-            raise
+            pending: list[Path] = []
+            if opts.keep_images:
+                pending = kept.write_pending(kept_folder(opts.name), images, uploads)
+            try:
+                report = enroll(
+                    store,
+                    served,
+                    opts.name,
+                    images,
+                    append=opts.append,
+                    all_faces=opts.all_faces,
+                    no_face=opts.no_face,
+                    detector=detector,
+                    progress=False,
+                )
+            except BaseException:
+                for path in pending:  # nothing enrolled: keep nothing new either
+                    path.unlink(missing_ok=True)
+                raise
+            files = kept.settle(store, opts.name, pending)
         replica.catch_up()  # this replica answers with the enrollment from the next request on
         faces = report.enrolled.get(opts.name, 0)
         if faces == 0:
@@ -633,28 +737,28 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             identity=opts.name,
             faces=faces,
             images=len(uploads),
-            kept=[p.relative_to(keep_dir.resolve()).as_posix() for p in kept],
+            kept=sorted({p.relative_to(keep_dir.resolve()).as_posix() for p in files}),
         )
 
     @app.get(
         "/v1/identities",
         response_model=IdentitiesOut,
         dependencies=[read],
-        responses=_responses(401),
+        responses=_responses(401, 429),
     )
     def identities() -> IdentitiesOut:
-        with open_store(config.gallery) as store:
+        with open_store() as store:
             return IdentitiesOut(identities=[IdentityOut(**asdict(i)) for i in store.identities()])
 
     @app.delete(
         "/v1/identities/{name}",
         response_model=RemovedOut,
         dependencies=[write],
-        responses=_responses(401, 403, 404, 422),
+        responses=_responses(401, 403, 404, 422, 429, 503),
     )
     def remove(name: Annotated[str, PathParam(pattern=NAME_PATTERN)]) -> RemovedOut:
         """Delete an identity, its embeddings and the image files kept for it."""
-        with open_store(config.gallery) as store:
+        with open_store() as store:
             if not store.contains(name):
                 raise ApiError(404, "not_found", f"{name!r} is not enrolled")
             images = store.remove(name)
@@ -669,7 +773,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     return app
 
 
-def _default_keep_dir(gallery: GalleryAddress) -> Path:
+def _default_keep_dir(gallery: backends.GalleryAddress) -> Path:
     """GALLERY.images beside a gallery file; for a database, DBNAME.images in the working
     folder (replicas on several machines need --keep-dir on a shared file system)."""
     if is_postgres_address(gallery):
@@ -678,15 +782,24 @@ def _default_keep_dir(gallery: GalleryAddress) -> Path:
     return path.with_name(path.name + ".images")
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+KEEP_ALIVE_SECONDS = 5  # an idle keep-alive connection is closed after this
 
 
 def run(model: FaceModel, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve with uvicorn until interrupted; without keys (`insecure_local`) on loopback only."""
+    """Serve with uvicorn until interrupted; without keys (`insecure_local`) on loopback only.
+    Connections that send no request headers within 10 s are closed."""
     import uvicorn
 
-    if config.insecure_local and host not in LOOPBACK:
+    if config.insecure_local and host not in LOOPBACK_HOSTS:
         raise KeyConfigError(f"--insecure-local serves on 127.0.0.1 only, not on {host}")
     app = create_app(model, config)
     log.info("serving %s on http://%s:%d (API docs at /docs)", model.name, host, port)
-    uvicorn.run(app, host=host, port=port, server_header=False, log_level="info")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        server_header=False,
+        log_level="info",
+        http=HeaderTimeoutProtocol,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+    )

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from facelab.models.detectors.mtcnn import Detections, face_order
 from facelab.models.face_model import FaceModel
+from facelab.serve.limits import check_deadline
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,7 @@ class _QueuedBackbone(nn.Module):
         self.rows = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_deadline("embedding")
         return torch.stack(self.rows.submit(list(x)))
 
 
@@ -189,12 +192,27 @@ class BatchedFaceModel(FaceModel):
 
 
 class BatchedDetector:
-    """A face detector whose `detect` calls from many threads are batched together."""
+    """A face detector whose `detect` calls from many threads are batched together; it keeps
+    at most `max_faces` faces per image (the main ones, `face_order`), so that a crowd photo
+    costs at most that many alignments and embeddings."""
 
-    def __init__(self, detector: Any, max_batch: int = 8, max_wait: float = 0.005) -> None:
+    def __init__(
+        self, detector: Any, max_batch: int = 8, max_wait: float = 0.005, max_faces: int = 20
+    ) -> None:
         self.queue: BatchQueue[np.ndarray, Any] = BatchQueue(
             detector.detect, max_batch, max_wait, name="detect"
         )
+        self.max_faces = max_faces
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[Any]:
-        return self.queue.submit(list(images))
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        check_deadline("detection")
+        found = self.queue.submit(list(images))
+        check_deadline("detection")
+        return [self._capped(d, image.shape) for d, image in zip(found, images, strict=True)]
+
+    def _capped(self, found: Detections, shape: tuple[int, ...]) -> Detections:
+        if len(found) <= self.max_faces:
+            return found
+        log.info("%d faces in one image, keeping the main %d", len(found), self.max_faces)
+        keep = np.sort(face_order(found, shape)[: self.max_faces])  # still most confident first
+        return Detections(found.boxes[keep], found.scores[keep], found.landmarks[keep])

@@ -10,21 +10,18 @@ memory, unlike form parsers that spool large parts to temporary files.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
-
-from facelab.data.images import ImageError, ImageTooLarge, decode_image
 
 MULTIPART = "multipart/form-data"
 JSON = "application/json"
@@ -42,11 +39,14 @@ EXAMPLE_PNG = (
 class ApiError(Exception):
     """A refused request: HTTP status, a short machine-readable code and a sentence."""
 
-    def __init__(self, status: int, error: str, detail: str) -> None:
+    def __init__(
+        self, status: int, error: str, detail: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.error = error
         self.detail = detail
+        self.headers = headers
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,11 @@ class BodySpec:
         }
 
     async def parse(
-        self, request: Request, max_images: int, max_bytes: int
+        self, request: Request, max_images: int, max_bytes: int, seconds: float
     ) -> tuple[Any, list[Upload]]:
-        """(validated options, images in field order); ApiError 413/415/422 when refused."""
+        """(validated options, images in field order); ApiError 408/413/415/422 when refused."""
         media, params = parse_options_header(request.headers.get("content-type", ""))
-        body = await read_body(request, max_bytes)
+        body = await read_body(request, max_bytes, seconds)
         media_type = media.decode("latin-1").lower()
         if media_type == MULTIPART:
             image_names = {f.name for f in self.images}
@@ -179,13 +179,18 @@ class BodySpec:
         return data, uploads
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, refused (413) as soon as it grows past `max_bytes`."""
+async def read_body(request: Request, max_bytes: int, seconds: float) -> bytes:
+    """The whole body, refused as soon as it grows past `max_bytes` (413) or when it has not
+    all arrived within `seconds` (408: a client trickling bytes would hold a connection)."""
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise ApiError(413, "payload_too_large", f"request body over {max_bytes} bytes")
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise ApiError(413, "payload_too_large", f"request body over {max_bytes} bytes")
+    except TimeoutError:
+        raise ApiError(408, "request_timeout", f"body not received within {seconds:g} s") from None
     return bytes(body)
 
 
@@ -276,16 +281,3 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
     )
-
-
-def decode_uploads(uploads: Sequence[Upload], max_pixels: int) -> list[np.ndarray]:
-    """RGB arrays of the uploads; images over `max_pixels` are refused from their header."""
-    images = []
-    for upload in uploads:
-        try:
-            images.append(decode_image(upload.data, upload.filename, max_pixels))
-        except ImageTooLarge as exc:
-            raise ApiError(413, "image_too_large", str(exc)) from None
-        except ImageError as exc:
-            raise ApiError(422, "invalid_image", str(exc)) from None
-    return images

@@ -3,21 +3,119 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from facelab.data.augment import Augment
+
 DISTILL_LOSSES = ("cosine", "mse")
 
 
 def read_options(path: str | Path) -> dict[str, Any]:
     """The mapping of training options in a YAML file (not yet checked against the fields)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        where = yaml_error_where(exc)
+        raise ValueError(f"{path}:{where} not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of training options")
     return data
+
+
+def yaml_error_where(exc: yaml.YAMLError) -> str:
+    """`LINE:COLUMN:` of a YAML syntax error (1-based), or nothing when YAML does not say."""
+    mark = getattr(exc, "problem_mark", None)
+    return f"{mark.line + 1}:{mark.column + 1}:" if mark is not None else ""
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    return getattr(exc, "problem", None) or type(exc).__name__
+
+
+def _expected(hint: Any) -> str:
+    """How an error message names a type hint: `an integer`, `a list of strings`, ..."""
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _expected(a) for a in args)
+    if origin is list:
+        return f"a list of {_expected(args[0])[2:]}s" if args else "a list"
+    if origin is tuple:
+        return f"a list of {len(args)} values ({', '.join(_expected(a) for a in args)})"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    names = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, str(hint))
+
+
+def checked_fields(cls: type, values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`values` for the fields of dataclass `cls`, each checked against (and converted to) its
+    type hint; an unknown name or a value of another type is a ValueError naming the field
+    (`prefix` + name), the type expected and the value given."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        what = prefix.rstrip(".") or cls.__name__
+        raise ValueError(
+            f"unknown {what} option(s): {', '.join(map(str, unknown))} (known: {', '.join(hints)})"
+        )
+    out = {}
+    for key, value in values.items():
+        try:
+            out[key] = _coerce(value, hints[key])
+        except TypeError:
+            expected = _expected(hints[key])
+            raise ValueError(f"{prefix}{key} must be {expected}, not {value!r}") from None
+    return out
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` as the type hint `hint` asks (an int for a float field becomes a float; a float
+    field also takes a numeric string, since YAML 1.1 reads `1e-3` as one); TypeError if it
+    does not fit."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg)
+                except TypeError:
+                    pass
+        raise TypeError
+    if origin is list and isinstance(value, list):
+        return [_coerce(v, args[0]) for v in value]
+    if origin is tuple and isinstance(value, list | tuple) and len(value) == len(args):
+        return tuple(_coerce(v, a) for v, a in zip(value, args, strict=True))
+    if origin is dict and isinstance(value, dict):
+        return {_coerce(k, args[0]): _coerce(v, args[1]) for k, v in value.items()}
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and not isinstance(value, bool) and isinstance(value, int | float | str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise TypeError from None
+        if math.isfinite(number):
+            return number
+    if hint is str and isinstance(value, str | os.PathLike):
+        return os.fspath(value)
+    raise TypeError
 
 
 @dataclass
@@ -81,6 +179,10 @@ class TrainConfig:
     log_every: int = 20
 
     def __post_init__(self) -> None:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in checked_fields(type(self), fields).items():
+            setattr(self, name, value)
+        checked_fields(Augment, self.augment, "augment.")  # checked here, built by training
         if self.scheduler not in ("cosine", "warm_restarts", "constant"):
             raise ValueError(
                 f"scheduler must be cosine, warm_restarts or constant, not {self.scheduler!r}"
@@ -127,7 +229,10 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown training option(s): {', '.join(unknown)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from facelab.data.augment import Augment, cutmix
 from facelab.data.folders import IdentityFolder, Sample, split_images
-from facelab.data.trials import read_people, read_trials, trial_people
+from facelab.data.trials import read_people, read_text, read_trials, trial_people
 from facelab.eval.metrics import equal_error_rate, roc_auc, tpr_at_fpr
-from facelab.fileio import atomic_write_text
+from facelab.fileio import atomic_write_text, check_writable_folder
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from facelab.models.preprocess import Preprocess
 from facelab.train import distributed
@@ -51,7 +51,7 @@ class TrainResult:
 
 def people_in(path: str | Path) -> set[str]:
     """Names listed by an LFW people file (`name<TAB>count` lines) or touched by a trial list."""
-    lines = [ln.split() for ln in Path(path).read_text().splitlines()[1:] if ln.strip()]
+    lines = [ln.split() for ln in read_text(Path(path)).splitlines()[1:] if ln.strip()]
     if lines and all(len(f) == 2 and f[1].isdigit() for f in lines):
         return set(read_people(path))
     return trial_people(read_trials(path))
@@ -108,6 +108,15 @@ def make_scheduler(
     return sched.SequentialLR(optimizer, [ramp, main], milestones=[warm])
 
 
+def cosine_part(
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> torch.optim.lr_scheduler.CosineAnnealingLR | None:
+    """The cosine annealing inside a `make_scheduler` schedule (after any warm-up), if any."""
+    parts = getattr(scheduler, "_schedulers", [scheduler])
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR
+    return next((p for p in parts if isinstance(p, cosine)), None)
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict:
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top == labels.unsqueeze(1)
@@ -157,6 +166,8 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.dist, self.device = distributed.setup()
+        if self.dist.main:  # refused before hours of work, not at the first checkpoint
+            check_writable_folder(self.out)
         if cfg.batch_size % self.dist.world_size:
             raise ValueError(
                 f"batch_size {cfg.batch_size} (the global batch) is not divisible by the "
@@ -274,7 +285,20 @@ class Trainer:
         else:  # checkpoints written before criteria existed hold the head alone
             self.criterion.head.load_state_dict(payload["head_state"])
         self.optimizer.load_state_dict(payload["optimizer"])
+        # The cosine schedule ends at this run's last epoch: resuming with another --epochs
+        # re-plans it from the current learning rate down to eta_min at the new end (the
+        # stored plan would make the rate rise again past its end). PyTorch's cosine steps
+        # multiply (lr - eta_min) by ratios that telescope to 0 at T_max, so changing T_max
+        # alone continues smoothly from the current rate; a finished run stays at eta_min.
+        cosine = cosine_part(self.scheduler)
+        planned = cosine.T_max if cosine is not None else None
         self.scheduler.load_state_dict(payload["scheduler"])
+        if cosine is not None and cosine.T_max != planned:
+            log.info(
+                "resuming with %d epochs: cosine schedule re-planned to reach eta_min at the end",
+                self.cfg.epochs,
+            )
+            cosine.T_max = planned
         self.scaler.load_state_dict(payload["scaler"])
         self.history = payload["history"]
         self.start_epoch = payload["epoch"] + 1
