@@ -15,6 +15,7 @@ from facelab.eval.metrics import (
     kfold_accuracy,
     roc_auc,
     roc_curve,
+    threshold_at_far,
     tpr_at_fpr,
     verification_report,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "rank_k_accuracy",
     "roc_auc",
     "roc_curve",
+    "threshold_at_far",
     "tpr_at_fpr",
     "verification_report",
 ]
