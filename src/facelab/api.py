@@ -110,16 +110,34 @@ def save_embeddings(result: Embedded, model: FaceModel, out: str | Path) -> Path
 class Verification:
     score: float  # cosine similarity
     threshold: float | None
-    same: bool | None  # None when no threshold was given
+    same: bool | None  # None when no threshold is known
+    reason: str  # where the threshold came from, or why there is none
 
 
 def verify(
-    model: FaceModel, a: ImageLike, b: ImageLike, threshold: float | None = None, flip: bool = False
+    model: FaceModel,
+    a: ImageLike,
+    b: ImageLike,
+    threshold: float | None = None,
+    flip: bool = False,
+    far: float | None = None,
 ) -> Verification:
-    """1:1 comparison of two face images by cosine similarity."""
+    """1:1 comparison of two face images by cosine similarity, decided at the threshold given,
+    else at the model's operating point for target FAR `far` (default 1e-3); a model without
+    that operating point gives no decision (same=None) and says so in `reason`."""
+    from facelab.gallery.service import resolve_threshold
+    from facelab.gallery.store import GalleryError
+
+    try:
+        chosen = resolve_threshold(None, threshold, far, model)
+    except GalleryError as exc:
+        chosen, reason = None, str(exc)
     emb = embed(model, [a, b], flip=flip)
     score = float(emb[0] @ emb[1])
-    return Verification(score, threshold, None if threshold is None else score >= threshold)
+    if chosen is None:
+        log.warning("%s", reason)
+        return Verification(score, None, None, reason)
+    return Verification(score, chosen.value, score >= chosen.value, chosen.describe())
 
 
 def score_trials(

@@ -158,8 +158,10 @@ def _verify(args: argparse.Namespace) -> None:
     if not (args.model and args.a and args.b):
         raise SystemExit("facelab verify: give MODEL A B, or --claim NAME IMAGE")
     model = api.load_model(args.model)
-    result = api.verify(model, args.a, args.b, threshold=args.threshold, flip=args.flip)
-    print(json.dumps(result.__dict__))
+    result = api.verify(
+        model, args.a, args.b, threshold=args.threshold, flip=args.flip, far=args.far
+    )
+    print(json.dumps(asdict(result)))
 
 
 def _model_source(args: argparse.Namespace) -> str:
@@ -681,8 +683,8 @@ def _threshold_options(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--far",
         type=float,
-        help="use the gallery's threshold calibrated for this target FAR "
-        "(default: its most recently calibrated one)",
+        help="decide at this target FAR: the gallery's threshold calibrated for it, else the "
+        "model's operating point (default: the gallery's latest calibration, else FAR 1e-3)",
     )
 
 

@@ -73,10 +73,10 @@ class OperatingPoint:
 
 
 def operating_points(rows: Iterable[Mapping[str, Any]] | None) -> tuple[OperatingPoint, ...]:
-    """Points from their dict form (a checkpoint's model description, a model card), sorted by
-    target FAR; None or [] (an old checkpoint) gives none."""
+    """Points from their dict form (a checkpoint's model description, a model card), the most
+    lenient target FAR first (as `TARGET_FARS`); None or [] (an old checkpoint) gives none."""
     points = [OperatingPoint.from_dict(row) for row in rows or ()]
-    return tuple(sorted(points, key=lambda p: p.target_far))
+    return tuple(sorted(points, key=lambda p: -p.target_far))
 
 
 def point_at(points: Sequence[OperatingPoint], far: float) -> OperatingPoint | None:
