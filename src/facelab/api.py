@@ -16,6 +16,8 @@ from facelab.data.folders import IdentityFolder, Sample, list_images
 from facelab.data.trials import Trial, read_trials
 from facelab.eval.metrics import roc_curve, verification_report
 from facelab.fileio import atomic_write, atomic_write_text
+from facelab.models import catalogue
+from facelab.models.catalogue import ModelSummary
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint
 from facelab.models.face_model import FaceModel
 from facelab.models.registry import BACKBONES
@@ -138,6 +140,13 @@ def verify(
         log.warning("%s", reason)
         return Verification(score, None, None, reason)
     return Verification(score, chosen.value, score >= chosen.value, chosen.describe())
+
+
+def list_models() -> list[ModelSummary]:
+    """Every registered backbone and detector: kind, input and alignment, embedding size,
+    parameters, GFLOPs per face, licence and source, and for pretrained weights their measured
+    LFW View 2 accuracy and operating points, with provenance (`facelab.models.catalogue`)."""
+    return catalogue.list_models()
 
 
 def score_trials(
