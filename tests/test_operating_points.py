@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from serving import KEYS, READ, png, tiny_model, upload
 
 import facelab
@@ -248,3 +249,64 @@ def test_shipped_dlib_points_hold_on_a_view2_subset(lfw: Path) -> None:
             assert point.target_far / 2.5 <= far <= point.target_far * 2.5, (point, far)
         else:
             assert far <= 20 / len(impostor)
+
+
+# -- plots --------------------------------------------------------------------------------------
+
+
+def marker(ax, label: str):  # noqa: ANN001, ANN201
+    (line,) = [a for a in ax.get_children() if a.get_gid() == f"operating point {label}"]
+    return line
+
+
+def test_plots_mark_operating_points_where_their_thresholds_fall() -> None:
+    from facelab.eval.metrics import roc_curve
+    from facelab.eval.plots import det_figure, rates_at, roc_figure, score_histogram_figure
+
+    rng = np.random.default_rng(0)
+    genuine, impostor = rng.normal(0.7, 0.1, 500), rng.normal(0.3, 0.15, 5000)
+    scores = np.r_[genuine, impostor]
+    labels = np.r_[np.ones(500, bool), np.zeros(5000, bool)]
+    marks = [("FAR 1e-2", 0.65), ("FAR 1e-3", 0.8)]
+    points = rates_at(scores, labels, marks)
+    fpr, tpr, _ = roc_curve(scores, labels)
+
+    roc = roc_figure(fpr, tpr, points=points)
+    linear, log = roc.axes
+    assert (linear.get_xscale(), log.get_xscale()) == ("linear", "log")
+    assert log.get_xlim() == pytest.approx((1e-4, 1.0))
+    det = det_figure(fpr, tpr, points=points).axes[0]
+    assert (det.get_xscale(), det.get_yscale()) == ("log", "log")
+    hist = score_histogram_figure(scores, labels, marks=marks).axes[0]
+    for label, threshold in marks:
+        far, tar = np.mean(impostor >= threshold), np.mean(genuine >= threshold)
+        for ax in (linear, log):
+            assert list(marker(ax, label).get_xydata()[0]) == pytest.approx([far, tar])
+        assert list(marker(det, label).get_xydata()[0]) == pytest.approx([far, 1 - tar])
+        assert list(marker(hist, label).get_xdata()) == [threshold, threshold]
+
+
+def test_eval_writes_roc_det_and_histogram_with_the_model_points(
+    calibrated: FaceModel, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    rng = np.random.default_rng(1)
+    lines = ["img1,img2,label"]
+    for i in range(12):
+        base = rng.integers(0, 255, (40, 40, 3))
+        for j in (0, 1):
+            noisy = np.clip(base + rng.integers(-15, 15, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(tmp_path / f"{i}_{j}.png")
+        lines.append(f"{i}_0.png,{i}_1.png,1")
+        lines.append(f"{i}_0.png,{(i + 1) % 12}_1.png,0")
+    (tmp_path / "trials.csv").write_text("\n".join(lines) + "\n")
+    ckpt = save_checkpoint(tmp_path / "m.pt", calibrated)
+    out = tmp_path / "eval"
+    assert main(["eval", str(ckpt), str(tmp_path / "trials.csv"), "--out", str(out)]) == 0
+    for png_file in ("roc.png", "det.png", "scores.png"):
+        assert (out / png_file).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "metrics.json").read_text())
+    assert [p["label"] for p in report["operating_points"]] == [
+        f"mobilefacenet FAR {far:g}" for far in TARGET_FARS
+    ]
+    assert [p["threshold"] for p in report["operating_points"]] == [0.3, 0.6, 0.9]
+    assert json.loads(capsys.readouterr().out)["operating_points"] == report["operating_points"]

@@ -19,7 +19,7 @@ from facelab.eval.metrics import (
     tpr_at_fpr,
     verification_report,
 )
-from facelab.eval.plots import plot_curve, plot_roc, plot_score_histogram
+from facelab.eval.plots import plot_curve, plot_det, plot_roc, plot_score_histogram
 
 __all__ = [
     "best_accuracy",
@@ -28,6 +28,7 @@ __all__ = [
     "equal_error_rate",
     "kfold_accuracy",
     "plot_curve",
+    "plot_det",
     "plot_roc",
     "plot_score_histogram",
     "rank_k_accuracy",

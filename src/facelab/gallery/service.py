@@ -17,9 +17,10 @@ Face policy (one place, used by every function here):
 Decisions never use an unstated threshold: either the caller gives one, or it is read from
 the gallery where `calibrate` stored it with its target FAR and measured FAR/FRR, or, for a
 gallery not calibrated for the FAR asked (default 1e-3), it is the model's own operating point
-(`FaceModel.operating_points`); each decision carries the `Threshold` it was made with. A calibrated threshold is a 1:1 (verification)
-threshold; in 1:N identification against N identities a non-enrolled face is falsely accepted
-more often (up to about N times the 1:1 FAR), which `eval_identification` measures on LFW.
+(`FaceModel.operating_points`); each decision carries the `Threshold` it was made with. A
+calibrated threshold is a 1:1 (verification) threshold; in 1:N identification against N
+identities a non-enrolled face is falsely accepted more often (up to about N times the 1:1
+FAR), which `eval_identification` measures on LFW.
 """
 
 from __future__ import annotations
