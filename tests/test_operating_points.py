@@ -310,3 +310,14 @@ def test_eval_writes_roc_det_and_histogram_with_the_model_points(
     ]
     assert [p["threshold"] for p in report["operating_points"]] == [0.3, 0.6, 0.9]
     assert json.loads(capsys.readouterr().out)["operating_points"] == report["operating_points"]
+
+
+def test_onnx_file_carries_the_points_but_an_int8_copy_does_not(
+    calibrated: FaceModel, tmp_path: Path
+) -> None:
+    from facelab.models.export import export_onnx, load_onnx
+
+    export_onnx(calibrated, tmp_path / "m.onnx")
+    assert load_onnx(tmp_path / "m.onnx").operating_points == calibrated.operating_points
+    export_onnx(calibrated, tmp_path / "q.onnx", quantization="int8")
+    assert load_onnx(tmp_path / "q.onnx").operating_points == ()
