@@ -195,6 +195,11 @@ def test_train_checkpoint_carries_points_from_its_validation_trials(
         assert point.frr == pytest.approx(expected["frr"], abs=1 / 18 + 1e-9)
     a, b = sorted((lfw_subset / "Tony_Blair").iterdir())[:2]
     assert "operating point FAR 0.001" in facelab.verify(model, a, b).reason
+    # fine-tuned without validation trials: the starting model's points are not carried over
+    tuned = replace(cfg, out=str(tmp_path / "tuned"), init_from=str(result.checkpoint))
+    tuned = replace(tuned, val_trials=None)
+    stored = load_checkpoint(train(tuned).checkpoint)["model"]["operating_points"]
+    assert stored == []
 
 
 BLAIR = "Tony_Blair/Tony_Blair_0001.jpg"
