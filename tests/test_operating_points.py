@@ -224,7 +224,7 @@ def test_shipped_points_say_blair_is_not_bush(lfw: Path) -> None:
 def test_shipped_points_record_their_provenance(name: str) -> None:
     card = model_card(name)["operating_points"]
     assert card["calibration"]["trials"] == "pairsDevTrain.txt"
-    assert card["report"]["trials"] == "pairs.txt"
+    assert card["report"]["trials"].startswith("pairs.txt")
     assert card["calibration"]["impostor_pairs"] > 1_000_000  # enough to measure 1e-4
     assert "benchmarks/calibrate_pretrained.py" in card["command"] and card["date"]
     shipped = pretrained_operating_points(name)
