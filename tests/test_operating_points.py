@@ -272,7 +272,7 @@ def test_plots_mark_operating_points_where_their_thresholds_fall() -> None:
     genuine, impostor = rng.normal(0.7, 0.1, 500), rng.normal(0.3, 0.15, 5000)
     scores = np.r_[genuine, impostor]
     labels = np.r_[np.ones(500, bool), np.zeros(5000, bool)]
-    marks = [("FAR 1e-2", 0.65), ("FAR 1e-3", 0.8)]
+    marks = [("FAR 1e-2", 0.6), ("FAR 1e-3", 0.7)]  # both accept some impostors
     points = rates_at(scores, labels, marks)
     fpr, tpr, _ = roc_curve(scores, labels)
 
@@ -289,6 +289,11 @@ def test_plots_mark_operating_points_where_their_thresholds_fall() -> None:
             assert list(marker(ax, label).get_xydata()[0]) == pytest.approx([far, tar])
         assert list(marker(det, label).get_xydata()[0]) == pytest.approx([far, 1 - tar])
         assert list(marker(hist, label).get_xdata()) == [threshold, threshold]
+    # FAR 0 cannot sit on a log axis: drawn on its edge, pointing off it, and labelled so
+    top = [("strict", scores.max() + 0.01)]
+    edge = marker(roc_figure(fpr, tpr, points=rates_at(scores, labels, top)).axes[1], "strict")
+    assert list(edge.get_xydata()[0]) == [1e-4, 0.0] and edge.get_marker() == "<"
+    assert "FAR 0: on the axis edge" in edge.get_label()
 
 
 def test_eval_writes_roc_det_and_histogram_with_the_model_points(

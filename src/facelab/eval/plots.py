@@ -64,11 +64,24 @@ MIN_FPR = 1e-4
 MARKER_STYLE = {"marker": "o", "linestyle": "none", "markersize": 6, "zorder": 3}
 
 
-def _mark_points(ax: Axes, points: Sequence[RatePoint], to_xy: str = "roc") -> None:
-    """One marker per operating point: at (FAR, TAR) on a ROC, at (FAR, FRR) on a DET."""
+def _mark_points(
+    ax: Axes, points: Sequence[RatePoint], det: bool = False, log: bool = False
+) -> None:
+    """One marker per operating point: at (FAR, TAR) on a ROC, at (FAR, FRR) on a DET. On
+    logarithmic axes a rate under `MIN_FPR` (0 on a short list) cannot be drawn: it is put on
+    the axis edge as a triangle pointing off the axis, and its label says so."""
     for label, fpr, tpr in points:
-        y = tpr if to_xy == "roc" else 1.0 - tpr
-        ax.plot([fpr], [y], label=label, gid=f"operating point {label}", **MARKER_STYLE)
+        x, y = fpr, (1.0 - tpr if det else tpr)
+        style = dict(MARKER_STYLE)
+        clipped = []
+        if log and x < MIN_FPR:
+            x, style["marker"] = MIN_FPR, "<"
+            clipped.append(f"FAR {fpr:.2g}")
+        if det and y < MIN_FPR:
+            y, style["marker"] = MIN_FPR, "v"
+            clipped.append(f"FRR {1.0 - tpr:.2g}")
+        text = f"{label} ({', '.join(clipped)}: on the axis edge)" if clipped else label
+        ax.plot([x], [y], label=text, gid=f"operating point {label}", **style)
 
 
 def roc_figure(
@@ -93,7 +106,7 @@ def roc_figure(
     log.set_xlim(MIN_FPR, 1.0)
     log.set_xscale("log")
     for ax, scale in ((linear, "linear"), (log, "logarithmic")):
-        _mark_points(ax, points)
+        _mark_points(ax, points, log=ax is log)
         ax.set_ylim(0.0, 1.0)
         ax.set_xlabel(f"false positive rate ({scale})")
         ax.set_ylabel("true positive rate")
@@ -126,7 +139,7 @@ def det_figure(
     fig = _new_figure()
     ax = fig.add_subplot()
     ax.plot(fmr[shown], fnmr[shown], label="DET")
-    _mark_points(ax, points, to_xy="det")
+    _mark_points(ax, points, det=True, log=True)
     ax.set_xlim(MIN_FPR, 1.0)
     ax.set_ylim(MIN_FPR, 1.0)
     ax.set_xscale("log")
