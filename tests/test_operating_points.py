@@ -26,6 +26,7 @@ from facelab.models.operating_points import (
     model_card,
     pretrained_operating_points,
 )
+from facelab.models.registry import BACKBONES
 from facelab.serve import ServeConfig, create_app
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -228,6 +229,7 @@ def test_shipped_points_record_their_provenance(name: str) -> None:
     assert card["calibration"]["impostor_pairs"] > 1_000_000  # enough to measure 1e-4
     assert "benchmarks/calibrate_pretrained.py" in card["command"] and card["date"]
     shipped = pretrained_operating_points(name)
+    assert BACKBONES.get(name).operating_points == shipped
     assert [p.target_far for p in shipped] == list(TARGET_FARS)
     assert all(p.resolved and p.far <= p.target_far for p in shipped)
     assert [p.threshold for p in shipped] == sorted(p.threshold for p in shipped)  # stricter

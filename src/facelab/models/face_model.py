@@ -12,11 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from facelab.models.operating_points import (
-    OperatingPoint,
-    operating_points,
-    pretrained_operating_points,
-)
+from facelab.models.operating_points import OperatingPoint, operating_points
 from facelab.models.preprocess import Preprocess
 from facelab.models.registry import BACKBONES
 
@@ -60,7 +56,7 @@ class FaceModel(nn.Module):
         if "input_size" in kwargs:
             spec = replace(spec, size=int(kwargs["input_size"]))
         shipped = kwargs.get("pretrained") is True and spec == entry.preprocess
-        points = pretrained_operating_points(name) if shipped else ()
+        points = entry.operating_points if shipped else ()
         return cls(entry.constructor(**kwargs), spec, name, kwargs, operating_points=points)
 
     @property
