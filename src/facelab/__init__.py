@@ -15,6 +15,7 @@ _API = [
     "classify",
     "embed",
     "evaluate",
+    "list_models",
     "load_model",
     "predict_folder",
     "score_trial_file",

@@ -14,10 +14,14 @@ import torch
 
 from facelab.data.folders import IdentityFolder, Sample, list_images
 from facelab.data.trials import Trial, read_trials
-from facelab.eval.metrics import finite, roc_curve, verification_report
+from facelab.eval.metrics import roc_curve, threshold_at_far, verification_report
+from facelab.eval.plots import rates_at
 from facelab.fileio import atomic_write, atomic_write_text
+from facelab.models import catalogue
+from facelab.models.catalogue import ModelSummary
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint
 from facelab.models.face_model import FaceModel
+from facelab.models.operating_points import TARGET_FARS
 from facelab.models.registry import BACKBONES
 from facelab.pipeline import Embedded, ImageLike, embed_images
 from facelab.submission import load_classifier as load_classifier
@@ -123,18 +127,41 @@ def save_embeddings(result: Embedded, model: FaceModel, out: str | Path) -> Path
 class Verification:
     score: float  # cosine similarity
     threshold: float | None
-    same: bool | None  # None when no threshold was given
+    same: bool | None  # None when no threshold is known
+    reason: str  # where the threshold came from, or why there is none
 
 
 def verify(
-    model: FaceModel, a: ImageLike, b: ImageLike, threshold: float | None = None, flip: bool = False
+    model: FaceModel,
+    a: ImageLike,
+    b: ImageLike,
+    threshold: float | None = None,
+    flip: bool = False,
+    far: float | None = None,
 ) -> Verification:
-    """1:1 comparison of two face images by cosine similarity."""
-    if threshold is not None:
-        finite(threshold, "threshold")
+    """1:1 comparison of two face images by cosine similarity, decided at the threshold given,
+    else at the model's operating point for target FAR `far` (default 1e-3); a model without
+    that operating point gives no decision (same=None) and says so in `reason`."""
+    from facelab.gallery.service import resolve_threshold
+    from facelab.gallery.store import GalleryError
+
+    try:
+        chosen = resolve_threshold(None, threshold, far, model)
+    except GalleryError as exc:
+        chosen, reason = None, str(exc)
     emb = embed(model, [a, b], flip=flip)
     score = float(emb[0] @ emb[1])
-    return Verification(score, threshold, None if threshold is None else score >= threshold)
+    if chosen is None:
+        log.warning("%s", reason)
+        return Verification(score, None, None, reason)
+    return Verification(score, chosen.value, score >= chosen.value, chosen.describe())
+
+
+def list_models() -> list[ModelSummary]:
+    """Every registered backbone and detector: kind, input and alignment, embedding size,
+    parameters, GFLOPs per face, licence and source, and for pretrained weights their measured
+    LFW View 2 accuracy and operating points, with provenance (`facelab.models.catalogue`)."""
+    return catalogue.list_models()
 
 
 def score_trials(
@@ -157,8 +184,11 @@ def evaluate(
     out_dir: str | Path | None = None,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Verification metrics of a labelled trial list (10-fold accuracy when it has folds);
-    with `out_dir`, also metrics.json, roc.png and scores.png there."""
+    """Verification metrics of a labelled trial list (10-fold accuracy when it has folds), and
+    where the model's operating points fall on it (FAR/FRR at each; a model without any gets
+    this list's own thresholds at FAR 1e-2, 1e-3, 1e-4 instead). With `out_dir`, also
+    metrics.json, roc.png (linear and logarithmic FPR), det.png and scores.png there, each
+    with those operating points marked."""
     trials = read_trials(trials_path, images_root)
     if any(t.label is None for t in trials):
         raise ValueError(f"{trials_path}: evaluation needs a label on every trial")
@@ -167,21 +197,30 @@ def evaluate(
     folds = np.array([t.fold for t in trials]) if trials[0].fold is not None else None
     report = verification_report(scores, labels, folds)
     report.update(trials=str(trials_path), pairs=len(trials), flip=flip, model=model.name)
+    marks = [(f"{model.name} {p.name}", p.threshold) for p in model.operating_points] or [
+        (f"FAR {far:g} on these trials", threshold_at_far(scores, labels, far)["threshold"])
+        for far in TARGET_FARS
+    ]
+    points = rates_at(scores, labels, marks)
+    report["operating_points"] = [
+        {"label": label, "threshold": value, "far": far, "frr": 1.0 - tar}
+        for (label, value), (_, far, tar) in zip(marks, points, strict=True)
+    ]
     if out_dir is not None:
-        from facelab.eval.plots import plot_roc, plot_score_histogram
+        from facelab.eval.plots import plot_det, plot_roc, plot_score_histogram
 
         out = Path(out_dir)
+        title = f"{model.name} on {Path(trials_path).name}"
         atomic_write_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
         fpr, tpr, _ = roc_curve(scores, labels)
-        plot_roc(
-            fpr,
-            tpr,
-            out / "roc.png",
-            title=f"{model.name} on {Path(trials_path).name}",
-            auc=report["auc"],
-        )
+        plot_roc(fpr, tpr, out / "roc.png", title=title, auc=report["auc"], points=points)
+        plot_det(fpr, tpr, out / "det.png", title=title, points=points)
         plot_score_histogram(
-            scores, labels, out / "scores.png", threshold=report["best_accuracy_threshold"]
+            scores,
+            labels,
+            out / "scores.png",
+            threshold=report["best_accuracy_threshold"],
+            marks=marks,
         )
     return report
 

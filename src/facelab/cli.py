@@ -110,6 +110,46 @@ def _eval(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
+@command("models")
+def _models(args: argparse.Namespace) -> None:
+    models = api.list_models()
+    if args.json:
+        print(json.dumps([m.to_dict() for m in models], indent=2))
+        return
+    print(
+        "| name | kind | input | alignment | embedding | parameters | GFLOPs | LFW View 2 "
+        "| threshold at FAR 1e-3 | licence | source |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for m in models:
+        lfw = f"{100 * m.lfw_view2['accuracy']:.2f}%" if m.lfw_view2 else "-"
+        points = (m.operating_points or {}).get("points", [])
+        at_1e3 = next((f"{p['threshold']:.4f}" for p in points if p["target_far"] == 1e-3), "-")
+        print(
+            f"| {m.name} | {m.kind} | {m.input} | {m.alignment or '-'} | "
+            f"{m.embedding_dim or '-'} | {m.parameters / 1e6:.2f} M | {m.gflops:.3f} | {lfw} | "
+            f"{at_1e3} | {m.licence} | {m.source} |"
+        )
+    for m in models:
+        if m.operating_points:
+            cal = m.operating_points["calibration"]
+            print(
+                f"\n{m.name} operating points, calibrated on {cal['trials']} "
+                f"({cal['genuine_pairs']:,} genuine, {cal['impostor_pairs']:,} impostor pairs), "
+                f"reported on {m.operating_points['report']['trials']}:"
+            )
+            for p in m.operating_points["points"]:
+                report = p["report"]
+                print(
+                    f"  FAR {p['target_far']:g}: threshold {p['threshold']:.4f}, measured FAR "
+                    f"{p['far']:.2e} / FRR {p['frr']:.4f}; on the report list FAR "
+                    f"{report['far_all_pairs']:.2e} / FRR {report['frr']:.4f}"
+                )
+        if m.lfw_view2:
+            lfw = m.lfw_view2
+            print(f"{m.name} LFW View 2 accuracy: {lfw['command']} ({lfw['date']})")
+
+
 @command("classify")
 def _classify(args: argparse.Namespace) -> None:
     print(json.dumps(api.classify(args.checkpoint, split=args.split)))
@@ -175,8 +215,10 @@ def _verify(args: argparse.Namespace) -> None:
     if not (args.model and args.a and args.b):
         raise SystemExit("facelab verify: give MODEL A B, or --claim NAME IMAGE")
     model = api.load_model(args.model)
-    result = api.verify(model, args.a, args.b, threshold=args.threshold, flip=args.flip)
-    print(json.dumps(result.__dict__))
+    result = api.verify(
+        model, args.a, args.b, threshold=args.threshold, flip=args.flip, far=args.far
+    )
+    print(json.dumps(asdict(result)))
 
 
 def _model_source(args: argparse.Namespace) -> str:
@@ -591,6 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _runtime_option(p)
 
+    p = sub.add_parser(
+        "models",
+        help="every registered model: input, size, GFLOPs, licence, LFW accuracy, operating points",
+    )
+    p.add_argument("--json", action="store_true", help="JSON output (default: a table)")
+
     p = sub.add_parser("classify", help="top-1/top-5 accuracy on a run's held-out images")
     p.add_argument("checkpoint")
     p.add_argument("--split", choices=("val", "train"), default="val")
@@ -764,8 +812,8 @@ def _threshold_options(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--far",
         type=_finite_float,
-        help="use the gallery's threshold calibrated for this target FAR "
-        "(default: its most recently calibrated one)",
+        help="decide at this target FAR: the gallery's threshold calibrated for it, else the "
+        "model's operating point (default: the gallery's latest calibration, else FAR 1e-3)",
     )
 
 

@@ -15,10 +15,11 @@ from facelab.eval.metrics import (
     kfold_accuracy,
     roc_auc,
     roc_curve,
+    threshold_at_far,
     tpr_at_fpr,
     verification_report,
 )
-from facelab.eval.plots import plot_curve, plot_roc, plot_score_histogram
+from facelab.eval.plots import plot_curve, plot_det, plot_roc, plot_score_histogram
 
 __all__ = [
     "best_accuracy",
@@ -27,11 +28,13 @@ __all__ = [
     "equal_error_rate",
     "kfold_accuracy",
     "plot_curve",
+    "plot_det",
     "plot_roc",
     "plot_score_histogram",
     "rank_k_accuracy",
     "roc_auc",
     "roc_curve",
+    "threshold_at_far",
     "tpr_at_fpr",
     "verification_report",
 ]

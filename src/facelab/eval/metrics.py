@@ -277,3 +277,25 @@ def verification_report(
         report["kfold_accuracies"] = kfold["accuracies"]
         report["kfold_thresholds"] = kfold["thresholds"]
     return report
+
+
+def threshold_at_far(scores: ArrayLike, labels: ArrayLike, target_far: float) -> dict[str, Any]:
+    """The operating point for a target false-accept rate: the highest-TPR threshold whose FAR
+    on these trials does not exceed `target_far` (`tpr_at_fpr`), with the FAR and FRR measured
+    at it and the trial counts behind them.
+
+    Keys: ``target_far``, ``threshold``, ``far``, ``frr``, ``n_genuine``, ``n_impostor``. When
+    one false accept is more than `target_far` of the impostors (``target_far * n_impostor <
+    1``), the threshold is the strictest that accepts no impostor and `far` is 0: a bound the
+    trials cannot confirm, which ``n_impostor`` lets a reader see.
+    """
+    s, y = _check_binary(scores, labels)
+    tpr, threshold = tpr_at_fpr(s, y, target_far)
+    return {
+        "target_far": float(target_far),
+        "threshold": threshold,
+        "far": float(np.mean(s[~y] >= threshold)),
+        "frr": float(1.0 - tpr),
+        "n_genuine": int(y.sum()),
+        "n_impostor": int((~y).sum()),
+    }

@@ -7,8 +7,9 @@ global backend state is touched and plotting is safe in servers and worker threa
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from numpy.typing import ArrayLike
 from facelab.fileio import atomic_write
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 
@@ -37,48 +39,125 @@ def _save_atomic(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=120))
 
 
+# (label, false-accept rate, true-accept rate) of an operating point on the plotted trials
+RatePoint = tuple[str, float, float]
+# (label, threshold) of an operating point on the score axis
+ThresholdMark = tuple[str, float]
+# The low end of the logarithmic FAR axes: the operating points of interest reach 1e-4.
+MIN_FPR = 1e-4
+MARKER_STYLE = {"marker": "o", "linestyle": "none", "markersize": 6, "zorder": 3}
+
+
+def _mark_points(
+    ax: Axes, points: Sequence[RatePoint], det: bool = False, log: bool = False
+) -> None:
+    """One marker per operating point: at (FAR, TAR) on a ROC, at (FAR, FRR) on a DET. On
+    logarithmic axes a rate under `MIN_FPR` (0 on a short list) cannot be drawn: it is put on
+    the axis edge as a triangle pointing off the axis, and its label says so."""
+    for label, fpr, tpr in points:
+        x, y = fpr, (1.0 - tpr if det else tpr)
+        style = dict(MARKER_STYLE)
+        clipped = []
+        if log and x < MIN_FPR:
+            x, style["marker"] = MIN_FPR, "<"
+            clipped.append(f"FAR {fpr:.2g}")
+        if det and y < MIN_FPR:
+            y, style["marker"] = MIN_FPR, "v"
+            clipped.append(f"FRR {1.0 - tpr:.2g}")
+        text = f"{label} ({', '.join(clipped)}: on the axis edge)" if clipped else label
+        ax.plot([x], [y], label=text, gid=f"operating point {label}", **style)
+
+
+def roc_figure(
+    fpr: ArrayLike,
+    tpr: ArrayLike,
+    title: str = "ROC",
+    auc: float | None = None,
+    points: Sequence[RatePoint] = (),
+) -> Figure:
+    """ROC (TPR vs FPR) twice: a linear FPR axis (left) and a logarithmic one from 1e-4 to 1
+    (right), where face systems operate; `points` are marked on both."""
+    fpr = np.asarray(fpr, dtype=np.float64)
+    tpr = np.asarray(tpr, dtype=np.float64)
+    fig = _new_figure((11.0, 4.5))
+    label = "ROC" if auc is None else f"ROC (AUC = {auc:.4f})"
+    linear, log = fig.subplots(1, 2)
+    linear.plot(fpr, tpr, label=label)
+    linear.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
+    linear.set_xlim(0.0, 1.0)
+    shown = fpr > 0
+    log.plot(fpr[shown], tpr[shown], label=label)
+    log.set_xlim(MIN_FPR, 1.0)
+    log.set_xscale("log")
+    for ax, scale in ((linear, "linear"), (log, "logarithmic")):
+        _mark_points(ax, points, log=ax is log)
+        ax.set_ylim(0.0, 1.0)
+        ax.set_xlabel(f"false positive rate ({scale})")
+        ax.set_ylabel("true positive rate")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right", fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
 def plot_roc(
     fpr: ArrayLike,
     tpr: ArrayLike,
     path: str | os.PathLike[str],
     title: str = "ROC",
     auc: float | None = None,
-    log_x: bool = False,
+    points: Sequence[RatePoint] = (),
 ) -> Path:
-    """ROC curve (TPR vs FPR); ``log_x`` shows the low-FPR region where face systems operate."""
-    fpr = np.asarray(fpr, dtype=np.float64)
-    tpr = np.asarray(tpr, dtype=np.float64)
+    """Write `roc_figure` to `path`."""
+    return _save_atomic(roc_figure(fpr, tpr, title, auc, points), path)
+
+
+def det_figure(
+    fpr: ArrayLike, tpr: ArrayLike, title: str = "DET", points: Sequence[RatePoint] = ()
+) -> Figure:
+    """Detection error trade-off: false non-match rate (1 - TPR) against false match rate, both
+    on logarithmic axes from 1e-4 to 1 (lower left is better); `points` are marked."""
+    fmr = np.asarray(fpr, dtype=np.float64)
+    fnmr = 1.0 - np.asarray(tpr, dtype=np.float64)
+    shown = (fmr > 0) & (fnmr > 0)
     fig = _new_figure()
     ax = fig.add_subplot()
-    label = "ROC" if auc is None else f"ROC (AUC = {auc:.4f})"
-    if log_x:
-        shown = fpr > 0
-        ax.plot(fpr[shown], tpr[shown], label=label)
-        ax.set_xscale("log")
-        if shown.any():
-            ax.set_xlim(fpr[shown].min(), 1.0)
-    else:
-        ax.plot(fpr, tpr, label=label)
-        ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
-        ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(0.0, 1.0)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
+    ax.plot(fmr[shown], fnmr[shown], label="DET")
+    _mark_points(ax, points, det=True, log=True)
+    ax.set_xlim(MIN_FPR, 1.0)
+    ax.set_ylim(MIN_FPR, 1.0)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("false match rate (FMR)")
+    ax.set_ylabel("false non-match rate (FNMR)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
-    return _save_atomic(fig, path)
+    ax.legend(loc="upper right", fontsize="small")
+    return fig
 
 
-def plot_score_histogram(
+def plot_det(
+    fpr: ArrayLike,
+    tpr: ArrayLike,
+    path: str | os.PathLike[str],
+    title: str = "DET",
+    points: Sequence[RatePoint] = (),
+) -> Path:
+    """Write `det_figure` to `path`."""
+    return _save_atomic(det_figure(fpr, tpr, title, points), path)
+
+
+def score_histogram_figure(
     scores: ArrayLike,
     labels: ArrayLike,
-    path: str | os.PathLike[str],
     threshold: float | None = None,
     title: str = "Score distributions",
     bins: int = 50,
-) -> Path:
-    """Overlaid genuine/impostor score histograms: how well, and where, the classes separate."""
+    marks: Sequence[ThresholdMark] = (),
+) -> Figure:
+    """Overlaid genuine/impostor score histograms: how well, and where, the classes separate;
+    `threshold` (dashed) and each operating point of `marks` (a labelled vertical line) show
+    where decisions fall."""
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels).astype(bool)
     if s.shape != y.shape:
@@ -90,11 +169,42 @@ def plot_score_histogram(
     ax.hist(s[~y], bins=edges, density=True, alpha=0.55, label=f"different ({int((~y).sum())})")
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+    colours = ("tab:red", "tab:purple", "tab:brown", "tab:olive")
+    for (label, value), colour in zip(marks, itertools.cycle(colours), strict=False):
+        ax.axvline(
+            value, color=colour, label=f"{label}: {value:.4f}", gid=f"operating point {label}"
+        )
     ax.set_xlabel("score")
     ax.set_ylabel("density")
     ax.set_title(title)
-    ax.legend()
-    return _save_atomic(fig, path)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def plot_score_histogram(
+    scores: ArrayLike,
+    labels: ArrayLike,
+    path: str | os.PathLike[str],
+    threshold: float | None = None,
+    title: str = "Score distributions",
+    bins: int = 50,
+    marks: Sequence[ThresholdMark] = (),
+) -> Path:
+    """Write `score_histogram_figure` to `path`."""
+    return _save_atomic(score_histogram_figure(scores, labels, threshold, title, bins, marks), path)
+
+
+def rates_at(
+    scores: ArrayLike, labels: ArrayLike, marks: Sequence[ThresholdMark]
+) -> list[RatePoint]:
+    """Where each threshold of `marks` falls on these trials: (label, FAR, TAR), a pair being
+    accepted when its score is at least the threshold."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    return [
+        (label, float(np.mean(s[~y] >= value)), float(np.mean(s[y] >= value)))
+        for label, value in marks
+    ]
 
 
 def plot_curve(

@@ -15,10 +15,12 @@ Face policy (one place, used by every function here):
   map_unknown and eval_identification, whose every image must get a score).
 
 Decisions never use an unstated threshold: either the caller gives one, or it is read from
-the gallery where `calibrate` stored it with its target FAR and measured FAR/FRR, and each
-decision carries the `Threshold` it was made with. A calibrated threshold is a 1:1 (verification)
-threshold; in 1:N identification against N identities a non-enrolled face is falsely accepted
-more often (up to about N times the 1:1 FAR), which `eval_identification` measures on LFW.
+the gallery where `calibrate` stored it with its target FAR and measured FAR/FRR, or, for a
+gallery not calibrated for the FAR asked (default 1e-3), it is the model's own operating point
+(`FaceModel.operating_points`); each decision carries the `Threshold` it was made with. A
+calibrated threshold is a 1:1 (verification) threshold; in 1:N identification against N
+identities a non-enrolled face is falsely accepted more often (up to about N times the 1:1
+FAR), which `eval_identification` measures on LFW.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from facelab.eval.identification import (
     dir_far_curve,
     rank_k_accuracy,
 )
-from facelab.eval.metrics import finite, tpr_at_fpr
+from facelab.eval.metrics import finite, threshold_at_far
 from facelab.fileio import atomic_write_csv, atomic_write_text
 from facelab.gallery.backends import gallery_exists, open_store
 from facelab.gallery.search import GallerySearch, Match, check_k, identity_rows
@@ -62,6 +64,7 @@ from facelab.gallery.store import (
 )
 from facelab.models.detectors.mtcnn import face_order
 from facelab.models.face_model import FaceModel
+from facelab.models.operating_points import DEFAULT_FAR, point_at
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS
 from facelab.models.registry import DETECTORS
 from facelab.pipeline import ImageLike, alignment_points
@@ -298,18 +301,53 @@ def enroll_tree(
 # -- decisions ----------------------------------------------------------------------------------
 
 
+def model_threshold(model: FaceModel, far: float | None = None) -> Threshold | None:
+    """The model's own operating point for target `far` (default 1e-3) as a `Threshold`, or
+    None when the model carries none for it."""
+    point = point_at(model.operating_points, DEFAULT_FAR if far is None else far)
+    if point is None:
+        return None
+    return Threshold(
+        point.threshold,
+        source=f"{model.name}'s operating point {point.name}, calibrated on {point.trials}",
+        target_far=point.target_far,
+        measured_far=point.far,
+        measured_frr=point.frr,
+        n_genuine=point.n_genuine,
+        n_impostor=point.n_impostor,
+    )
+
+
 def resolve_threshold(
-    store: GalleryStore, threshold: float | None = None, far: float | None = None
+    store: GalleryStore | None,
+    threshold: float | None = None,
+    far: float | None = None,
+    model: FaceModel | None = None,
 ) -> Threshold:
-    """The caller's threshold, else the gallery's one calibrated for `far`, else its most
-    recently calibrated one; no threshold at all is an error, never a silent default."""
+    """The caller's threshold; else the gallery's calibrated for `far` (without `far`: its
+    most recently calibrated one); else the model's operating point for `far` (default 1e-3).
+    No threshold at all is an error saying so, never a silent default."""
     if threshold is not None:
         if far is not None:
             raise ValueError("give a threshold or a target FAR, not both")
         return Threshold(finite(threshold, "threshold"), source="given by the caller")
     if far is not None:
         finite(far, "target FAR")
-    return store.threshold(far)
+    stored = store.thresholds() if store is not None else []
+    if any(far is None or np.isclose(t.target_far, far, rtol=1e-6) for t in stored):
+        return store.threshold(far)
+    own = model_threshold(model, far) if model is not None else None
+    if own is not None:
+        return own
+    if stored:
+        return store.threshold(far)  # names the FARs the gallery was calibrated for
+    wanted = DEFAULT_FAR if far is None else far
+    where = f"{store.path}: no calibrated threshold, and " if store is not None else ""
+    name = model.name if model is not None else "the model"
+    raise GalleryError(
+        f"{where}no threshold known: {name} carries no operating point for FAR {wanted:g}; "
+        f"give a threshold, or calibrate one with `facelab calibrate` on labelled trials"
+    )
 
 
 @dataclass(frozen=True)
@@ -337,7 +375,7 @@ def verify_claim(
     """Accept or reject "this is `name`" for the main face of `image` (1:1)."""
     with _opened(gallery) as store:
         store.check_model(ModelInfo.of(model))
-        chosen = resolve_threshold(store, threshold, far)
+        chosen = resolve_threshold(store, threshold, far, model)
         enrolled = store.embeddings(name)
         rows, _ = identity_rows(enrolled, np.zeros(len(enrolled), np.int64), aggregate)
         face = find_faces(model, [image], no_face=no_face, detector=detector)
@@ -385,7 +423,7 @@ def identify(
     check_k(k)
     with _opened(gallery) as store:
         store.check_model(ModelInfo.of(model))
-        chosen = resolve_threshold(store, threshold, far)
+        chosen = resolve_threshold(store, threshold, far, model)
         searcher = search or GallerySearch(store, method, aggregate)
         faces = find_faces(model, images, all_faces=all_faces, no_face=no_face, detector=detector)
         if not faces:
@@ -530,8 +568,8 @@ def calibrate(
     a, b, y = (np.array(col) for col in zip(*pairs, strict=True))
     scores = np.einsum("ij,ij->i", emb[a], emb[b])
     y = y.astype(bool)
-    tpr, value = tpr_at_fpr(scores, y, target_far)
-    n_impostor = int((~y).sum())
+    point = threshold_at_far(scores, y, target_far)
+    n_impostor = point["n_impostor"]
     if target_far * n_impostor < 1:
         log.warning(
             "%s: %d impostor trials cannot measure a FAR of %g (one false accept is %.2g)",
@@ -541,12 +579,12 @@ def calibrate(
             1 / n_impostor,
         )
     chosen = Threshold(
-        value=value,
+        value=point["threshold"],
         source=f"calibrated on {trials}",
         target_far=float(target_far),
-        measured_far=float(np.mean(scores[~y] >= value)),
-        measured_frr=float(1.0 - tpr),
-        n_genuine=int(y.sum()),
+        measured_far=point["far"],
+        measured_frr=point["frr"],
+        n_genuine=point["n_genuine"],
         n_impostor=n_impostor,
     )
     with _opened(gallery, create=True) as store:

@@ -29,6 +29,7 @@ from torch import nn
 
 from facelab.fileio import atomic_write
 from facelab.models.face_model import FaceModel
+from facelab.models.operating_points import operating_points
 from facelab.models.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -184,8 +185,15 @@ def load_onnx(model: bytes | str | Path, threads: int | None = None) -> OnnxFace
         )
     desc = json.loads(meta[f"{KEY}model"])
     preprocess = Preprocess.from_dict(desc["preprocess"])
+    # The operating points were measured with the float weights, not an int8 copy's.
+    exact = meta.get(f"{KEY}quantization", "none") == "none"
     return OnnxFaceModel(
-        backbone, preprocess, desc["name"], desc["kwargs"], meta[f"{KEY}fingerprint"]
+        backbone,
+        preprocess,
+        desc["name"],
+        desc["kwargs"],
+        meta[f"{KEY}fingerprint"],
+        operating_points(desc.get("operating_points")) if exact else (),
     ).eval()
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from facelab.models.operating_points import OperatingPoint, operating_points
 from facelab.models.preprocess import Preprocess
 from facelab.models.registry import BACKBONES
 
@@ -20,7 +21,9 @@ class FaceModel(nn.Module):
     """Backbone + preprocessing + the recipe to rebuild it (name and keyword arguments).
 
     `forward` maps network input to L2-normalised embeddings; the `embed_*` methods take
-    images or aligned faces and apply the stored preprocessing themselves.
+    images or aligned faces and apply the stored preprocessing themselves. `operating_points`
+    are its calibrated decision thresholds (`facelab.models.operating_points`), empty when
+    none were measured for these weights.
     """
 
     def __init__(
@@ -30,6 +33,7 @@ class FaceModel(nn.Module):
         name: str,
         kwargs: dict[str, Any],
         frozen_fingerprint: str | None = None,
+        operating_points: Sequence[OperatingPoint] = (),
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -37,18 +41,23 @@ class FaceModel(nn.Module):
         self.name = name
         self.kwargs = dict(kwargs)
         self.frozen_fingerprint = frozen_fingerprint
+        self.operating_points = tuple(operating_points)
 
     @classmethod
     def create(cls, name: str, preprocess: Preprocess | None = None, **kwargs: Any) -> FaceModel:
         """Build a registered backbone; its registered preprocessing is used unless overridden.
 
         `input_size` (when given) also sets the preprocessing size, so they cannot disagree.
+        The registered weights (pretrained=True) come with their shipped operating points,
+        unless the preprocessing is overridden (the points hold for the registered one only).
         """
         entry = BACKBONES.get(name)
         spec = preprocess or entry.preprocess or Preprocess()
         if "input_size" in kwargs:
             spec = replace(spec, size=int(kwargs["input_size"]))
-        return cls(BACKBONES.create(name, **kwargs), spec, name, kwargs)
+        shipped = kwargs.get("pretrained") is True and spec == entry.preprocess
+        points = entry.operating_points if shipped else ()
+        return cls(BACKBONES.create(name, **kwargs), spec, name, kwargs, operating_points=points)
 
     @property
     def embedding_dim(self) -> int:
@@ -98,7 +107,14 @@ class FaceModel(nn.Module):
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(self.backbone, example, check_trace=False)
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-        return FaceModel(frozen, self.preprocess, self.name, self.kwargs, self.fingerprint())
+        return FaceModel(
+            frozen,
+            self.preprocess,
+            self.name,
+            self.kwargs,
+            self.fingerprint(),
+            self.operating_points,
+        )
 
     @torch.inference_mode()
     def embed_tensors(
@@ -139,9 +155,18 @@ class FaceModel(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint stores to rebuild this model (weights travel separately)."""
-        return {"name": self.name, "kwargs": self.kwargs, "preprocess": self.preprocess.to_dict()}
+        return {
+            "name": self.name,
+            "kwargs": self.kwargs,
+            "preprocess": self.preprocess.to_dict(),
+            "operating_points": [p.to_dict() for p in self.operating_points],
+        }
 
     @classmethod
     def from_description(cls, desc: dict[str, Any]) -> FaceModel:
+        """The model a description rebuilds; one written before operating points existed
+        has none."""
         kwargs = {k: v for k, v in desc["kwargs"].items() if k != "pretrained"}
-        return cls.create(desc["name"], Preprocess.from_dict(desc["preprocess"]), **kwargs)
+        model = cls.create(desc["name"], Preprocess.from_dict(desc["preprocess"]), **kwargs)
+        model.operating_points = operating_points(desc.get("operating_points"))
+        return model

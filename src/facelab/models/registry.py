@@ -1,7 +1,8 @@
 """Name -> constructor registries (timm style), one per kind of model.
 
 A backbone entry also carries its default preprocessing, so anything built by name knows
-how its input must look.
+how its input must look, and the operating points measured for its pretrained weights (read
+from its card in `model_cards.json`, see `facelab.models.operating_points`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from facelab.models.operating_points import OperatingPoint, pretrained_operating_points
 from facelab.models.preprocess import Preprocess
 
 
@@ -19,6 +21,11 @@ class Entry:
     name: str
     constructor: Callable[..., Any]
     preprocess: Preprocess | None
+
+    @property
+    def operating_points(self) -> tuple[OperatingPoint, ...]:
+        """Thresholds calibrated for this entry's pretrained weights (none without a card)."""
+        return pretrained_operating_points(self.name)
 
 
 class Registry:

@@ -127,7 +127,11 @@ class EmbedOptions(_Options):
 
 class _Decision(_Options):
     threshold: Similarity | None = Field(None, description="cosine threshold (default: calibrated)")
-    far: Far | None = Field(None, description="use the gallery's threshold for this target FAR")
+    far: Far | None = Field(
+        None,
+        description="decide at this target FAR: the gallery's calibrated threshold, else the "
+        "model's operating point (default: the gallery's latest, else the model's FAR 1e-3)",
+    )
     no_face: NoFace = "error"
 
     @model_validator(mode="after")
@@ -216,6 +220,9 @@ class VerifyOut(BaseModel):
     score: float = Field(description="cosine similarity")
     decision: Literal["same", "different", "accept", "reject"] | None
     threshold: ThresholdOut | None
+    no_threshold: str | None = Field(
+        None, description="why there is no decision: no threshold is known (decision null)"
+    )
     identity: str | None = Field(description="the claimed identity, for a claim")
     faces: list[FaceOut]
 
@@ -587,8 +594,9 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     @app.post("/v1/verify", response_model=VerifyOut, dependencies=[read], **operation(VERIFY, 404))
     async def verify(request: Request) -> VerifyOut:
         """1:1: are `image_a` and `image_b` the same person, or is `image` the enrolled
-        `identity`? The threshold is the one given, else the gallery's calibrated one (for
-        two images without either, only the score is returned)."""
+        `identity`? The threshold is the one given, else the gallery's calibrated one, else
+        the model's operating point at FAR 1e-3 (for two images without any, only the score
+        is returned, with `no_threshold` saying why)."""
         opts, uploads = await body(request, VERIFY)
         fields = [u.field for u in uploads]
         if fields == ["image"] and opts.identity is not None:
@@ -607,10 +615,14 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             raise ApiError(422, "no_face", f"no face found in {uploads[missing[0]].field}")
         score = float(faces[0].embedding @ faces[1].embedding)
         given = opts.threshold is not None or opts.far is not None
+        threshold, no_threshold = None, None
         with open_store() as store:
-            threshold = None
-            if given or store.thresholds():
-                threshold = resolve_threshold(store, opts.threshold, opts.far)
+            try:
+                threshold = resolve_threshold(store, opts.threshold, opts.far, served)
+            except GalleryError as exc:
+                if given:
+                    raise
+                no_threshold = str(exc)
         decision = None
         if threshold is not None:
             decision = "same" if score >= threshold.value else "different"
@@ -618,6 +630,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             score=score,
             decision=decision,
             threshold=ThresholdOut.of(threshold) if threshold else None,
+            no_threshold=no_threshold,
             identity=None,
             faces=[
                 FaceOut(
@@ -661,7 +674,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         def identify_faces() -> IdentifyOut:
             images = decode(uploads)
             with open_store() as store:
-                chosen = resolve_threshold(store, opts.threshold, opts.far)
+                chosen = resolve_threshold(store, opts.threshold, opts.far, served)
                 if store.is_empty():
                     raise ApiError(422, "empty_gallery", "nobody is enrolled yet")
                 results = identify(

@@ -183,6 +183,7 @@ class BatchedFaceModel(FaceModel):
             model.name,
             model.kwargs,
             model.fingerprint(),
+            model.operating_points,
         )
         self._dim = dim
 

@@ -22,9 +22,10 @@ from tqdm import tqdm
 from facelab.data.augment import Augment, cutmix
 from facelab.data.folders import IdentityFolder, Sample, split_images
 from facelab.data.trials import read_people, read_text, read_trials, trial_people
-from facelab.eval.metrics import equal_error_rate, roc_auc, tpr_at_fpr
+from facelab.eval.metrics import equal_error_rate, roc_auc, threshold_at_far, tpr_at_fpr
 from facelab.fileio import atomic_write_text, check_writable_folder
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from facelab.models.operating_points import TARGET_FARS, OperatingPoint
 from facelab.models.preprocess import Preprocess
 from facelab.train import distributed
 from facelab.train.batches import Batch, FaceBatches, batch_loader, decode_faces
@@ -372,7 +373,8 @@ class Trainer:
     @torch.inference_mode()
     def evaluate(self) -> dict[str, float]:
         """Val top-1/top-5 (classification heads, without margin) and, on the trial list,
-        verification AUC, EER and TPR at FPR 1e-2 by cosine similarity."""
+        verification AUC, EER and TPR at FPR 1e-2 by cosine similarity; the trials also
+        calibrate the model's operating points, which every checkpoint then carries."""
         self.model.eval()
         self.criterion.eval()
         metrics: dict[str, float] = {}
@@ -400,6 +402,11 @@ class Trainer:
             metrics["val_auc"] = roc_auc(scores, same)
             metrics["val_eer"] = equal_error_rate(scores, same)[0]
             metrics["val_tpr_at_fpr_0.01"] = tpr_at_fpr(scores, same, 1e-2)[0]
+            source = f"validation trials {self.cfg.val_trials}"
+            self.model.operating_points = tuple(
+                OperatingPoint.from_dict({**threshold_at_far(scores, same, far), "trials": source})
+                for far in TARGET_FARS
+            )
         return metrics
 
     def fit(self) -> TrainResult:

@@ -64,6 +64,9 @@ def initial_model(cfg: TrainConfig) -> FaceModel:
         model.preprocess.size,
         model.preprocess.alignment,
     )
+    # Training changes the weights: the starting model's operating points no longer hold (the
+    # run's validation trials, if any, calibrate new ones).
+    model.operating_points = ()
     return model
 
 
