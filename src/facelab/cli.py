@@ -64,7 +64,7 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 @command("train")
 def _train(args: argparse.Namespace) -> None:
-    from facelab.train import TrainConfig, train
+    from facelab.train import TrainConfig, distributed, train
 
     overrides = _overrides(args.set)
     if args.data:
@@ -89,16 +89,17 @@ def _train(args: argparse.Namespace) -> None:
     if not args.resume and not cfg.data:
         raise SystemExit("facelab train: give --data ROOT (or data: in --config)")
     result = train(cfg, resume=args.resume)
-    if not result.main_process:  # under torchrun only rank 0 reports
-        return
-    print(
-        json.dumps(
-            {
-                "checkpoint": str(result.checkpoint),
-                "last": result.history[-1] if result.history else None,
-            }
+    if result.main_process:  # under torchrun only rank 0 reports
+        print(
+            json.dumps(
+                {
+                    "checkpoint": str(result.checkpoint),
+                    "last": result.history[-1] if result.history else None,
+                }
+            )
         )
-    )
+    if distributed.joined_group():
+        distributed.exit_process()
 
 
 @command("eval")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -38,7 +39,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    joined: bool = False  # setup() created the process group, so leave() destroys it
+    joined: bool = False  # setup() created the process group (see leave)
 
     @property
     def enabled(self) -> bool:
@@ -71,12 +72,30 @@ def setup() -> tuple[Distributed, torch.device]:
 
 
 def leave(info: Distributed) -> None:
-    """Destroy the process group setup() created, once every rank is done: left to the
-    interpreter's exit, gloo's threads are torn down unjoined and a rank may abort (SIGABRT,
-    "terminate called without an active exception") after its work is finished."""
+    """Wait until every rank is done; the process group itself lives until the process ends.
+
+    Destroying it is not safe here: its last reference is dropped with the GIL held (by
+    destroy_process_group, or by DDP's reducer when the model is freed), and gloo's destructor
+    then joins worker threads that may still be freeing the tensors of a finished collective,
+    which needs the GIL: a deadlock (seen with py-spy under load, 4 of 6 two-rank runs). A
+    process that joined a group ends through `exit_process` instead."""
     if info.joined and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+
+
+def joined_group() -> bool:
+    """Whether this process is in a process group (then it ends with `exit_process`)."""
+    return dist.is_initialized()
+
+
+def exit_process(code: int = 0) -> None:
+    """End a process that joined a process group without tearing the group down: flush the
+    logs and standard streams, then `os._exit`, which skips the interpreter's finalisation,
+    where gloo's worker threads would deadlock on the GIL or abort unjoined (SIGABRT)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def shard(batch: torch.Tensor, info: Distributed) -> torch.Tensor:
