@@ -3,14 +3,20 @@ detector's post-processing against hand-made cases, and its faces against MTCNN'
 
 from __future__ import annotations
 
+import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import dlib_model_file
 
+from facelab.api import with_detector
+from facelab.cli import main
 from facelab.data.align import ARCFACE_TEMPLATE_112
 from facelab.data.images import read_image
+from facelab.models.backbones.dlib_resnet import MODEL_FILE
 from facelab.models.converters.tflite_reader import (
     TfliteError,
     load_tflite,
@@ -27,9 +33,13 @@ from facelab.models.detectors.blazeface import (
     weighted_nms,
 )
 from facelab.models.detectors.mtcnn import main_face
-from facelab.models.registry import DETECTORS
+from facelab.models.face_model import FaceModel
+from facelab.models.preprocess import Preprocess
+from facelab.models.registry import BACKBONES, DETECTORS
+from facelab.pipeline import embed_images
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
+FIVE_POINT = Preprocess(alignment="five_point", template=ARCFACE_TEMPLATE_112)
 
 
 def _model_file(name: str) -> Path:
@@ -226,3 +236,74 @@ def test_no_face_in_noise_and_bad_images_are_refused(detector: BlazeFace) -> Non
         detector.detect([flat, np.zeros((10, 10), np.uint8)])
     with pytest.raises(ValueError, match="wrap a single image"):
         detector.detect(flat)
+
+
+def test_default_detector_keeps_existing_fingerprints() -> None:
+    """Galleries and face caches made before `Preprocess.detector` existed stay valid: the
+    default's fingerprint is the one the field-less preprocessing had (values recorded before
+    the change); another detector gives another fingerprint."""
+    assert Preprocess().fingerprint() == "f06397f8ed3a1a38"
+    spec = BACKBONES.get("dlib_resnet").preprocess
+    assert spec.fingerprint() == "57547dab780d993b"
+    other = replace(spec, detector="blazeface")
+    assert other.fingerprint() != spec.fingerprint()
+    stored = spec.to_dict()
+    del stored["detector"]  # as older models and galleries recorded it
+    assert Preprocess.from_dict(stored) == spec
+    assert Preprocess.from_dict(other.to_dict()) == other
+    with pytest.raises(ValueError, match="preprocess.detector"):
+        Preprocess(detector="")
+
+
+def test_with_detector_changes_the_model_fingerprint() -> None:
+    model = FaceModel.create("mobilefacenet", preprocess=FIVE_POINT)
+    fast = with_detector(model, "blazeface")
+    assert fast.preprocess.detector == "blazeface" and model.preprocess.detector == "mtcnn"
+    assert fast.fingerprint() != model.fingerprint()
+    assert with_detector(model, None) is model
+    frozen = model.for_inference()
+    assert with_detector(frozen, "blazeface").fingerprint() != frozen.fingerprint()
+    with pytest.raises(KeyError, match="known: .*blazeface"):
+        with_detector(model, "no_such_detector")
+
+
+def test_pipeline_uses_the_detector_the_preprocessing_names(
+    lfw: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[str] = []
+    create = DETECTORS.create
+
+    def spy(name: str, **kwargs: object) -> object:
+        built.append(name)
+        return create(name, **kwargs)
+
+    monkeypatch.setattr(DETECTORS, "create", spy)
+    model = with_detector(FaceModel.create("mobilefacenet", preprocess=FIVE_POINT), "blazeface")
+    image = read_image(lfw / "images" / LFW_SAMPLES[0])
+    out = embed_images(model, [image], progress=False)
+    assert built == ["blazeface"] and not out.fallback.any()
+    embed_images(model, [image], progress=False, detector="mtcnn")
+    assert built == ["blazeface", "mtcnn"]
+
+
+def test_cli_gallery_remembers_its_detector(
+    lfw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Enrolled with --detector blazeface, the gallery is queried with BlazeFace by default;
+    asking for MTCNN is refused (other embeddings), not mixed in silently."""
+    dlib_model_file(MODEL_FILE)
+    tree = tmp_path / "people"
+    for person in ("Colin_Powell", "Tony_Blair"):
+        (tree / person).mkdir(parents=True)
+        for k in (1, 2):
+            name = f"{person}_000{k}.jpg"
+            (tree / person / name).symlink_to(lfw / "images" / person / name)
+    probe = str(lfw / "images" / "Tony_Blair" / "Tony_Blair_0003.jpg")
+    g = ["--gallery", str(tmp_path / "g.db")]
+    args = ["enroll", *g, "--model", "dlib_resnet", "--detector", "blazeface", "--tree", str(tree)]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["identify", *g, "--threshold", "0.5", "--csv", probe]) == 0
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert rows[0]["identity"] == "Tony_Blair"
+    assert main(["identify", *g, "--detector", "mtcnn", "--threshold", "0.5", probe]) == 2

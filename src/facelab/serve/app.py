@@ -51,7 +51,7 @@ from facelab.gallery.service import resolve_threshold
 from facelab.models.export import OnnxFaceModel
 from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS
-from facelab.models.registry import DETECTORS
+from facelab.pipeline import make_detector
 from facelab.serve.batching import BatchedDetector, BatchedFaceModel
 from facelab.serve.inputs import ApiError, BodySpec, ImageField, Upload, decode_uploads
 from facelab.serve.security import ApiKeys, BodyLimit, KeyConfigError
@@ -303,7 +303,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     served = BatchedFaceModel(model, config.max_batch, wait)
     detector: BatchedDetector | None = None
     if model.preprocess.alignment in LANDMARK_ALIGNMENTS:
-        detector = BatchedDetector(DETECTORS.create("mtcnn"), config.max_batch, wait)
+        detector = BatchedDetector(make_detector(model.preprocess), config.max_batch, wait)
     info = ModelInfo.of(served)
     with GalleryStore(config.gallery, create=True) as store:
         store.check_model(info)
