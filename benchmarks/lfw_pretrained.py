@@ -8,7 +8,7 @@ images, decoded once. Prints accuracy (10-fold mean ± std on View 2), AUC, EER,
 per-face CPU time of each stage, and the cosine agreement of the two descriptors per face.
 
     python benchmarks/lfw_pretrained.py [--pairs ../shared/data/lfw/pairs.txt] [--limit 600]
-        [--out runs/lfw_pretrained] [--detectors mtcnn blazeface] [--skip-dlib]
+        [--out runs/lfw_pretrained] [--detectors mtcnn blazeface] [--skip-dlib] [--threads 2]
 
 `--limit N` keeps N pairs spread over the list (a quick look; View 2 needs all 6,000).
 """
@@ -82,8 +82,11 @@ def main() -> None:
         "--detectors", nargs="+", default=["mtcnn"], help="registered face detectors to compare"
     )
     parser.add_argument("--skip-dlib", action="store_true", help="leave out dlib's own pipeline")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 on a machine shared with others)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     trials = read_trials(args.pairs)
     if args.limit:
