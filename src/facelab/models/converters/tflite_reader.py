@@ -12,6 +12,7 @@ reproduced exactly.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,13 +207,14 @@ def dequantize(t: TfliteTensor) -> np.ndarray:
 
 
 def _activation(code: int, path: str) -> Callable[[Tensor], Tensor]:
-    """TFLite's fused activation (0 none, 1 RELU, 2 RELU_N1_TO_1, 3 RELU6, 4 TANH)."""
+    """TFLite's fused activation (0 none, 1 RELU, 2 RELU_N1_TO_1, 3 RELU6, 4 TANH), in place:
+    it only ever applies to the fresh output of its own operator."""
     table = {
         0: lambda x: x,
-        1: F.relu,
-        2: lambda x: x.clamp(-1, 1),
-        3: F.relu6,
-        4: torch.tanh,
+        1: torch.relu_,
+        2: lambda x: x.clamp_(-1, 1),
+        3: lambda x: x.clamp_(0, 6),
+        4: torch.tanh_,
     }
     if code not in table:
         raise TfliteError(f"{path}: unsupported fused activation {code}")
@@ -240,15 +242,32 @@ class _Step(nn.Module):
 
 
 class _Conv(nn.Module):
-    """A convolution (or depthwise one) with TFLite's padding and fused activation."""
+    """A convolution (or depthwise one) with TFLite's padding and fused activation.
+
+    A 1x1 convolution of stride 1 runs as one matrix product on the channels-last pixels:
+    PyTorch's CPU convolution takes a slow im2col path for these few-channel 1x1 layers (3x
+    the time of the whole depthwise part of BlazeFace, with layout copies).
+    """
 
     def __init__(
         self, conv: nn.Conv2d, pad: tuple[int, int, int, int], act: Callable[[Tensor], Tensor]
     ) -> None:
         super().__init__()
         self.conv, self.pad, self.act = conv, pad, act
+        self.pointwise = (
+            conv.kernel_size == (1, 1)
+            and conv.stride == (1, 1)
+            and conv.groups == 1
+            and not any(self.pad)
+            and conv.padding == (0, 0)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.pointwise:
+            b, c, h, w = x.shape
+            pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view when channels-last
+            y = F.linear(pixels, self.conv.weight.view(-1, c), self.conv.bias)
+            return self.act(y.view(b, h, w, -1).permute(0, 3, 1, 2))
         if any(self.pad):
             x = F.pad(x, self.pad)
         return self.act(self.conv(x))
@@ -270,7 +289,6 @@ class TfliteModule(nn.Module):
         self._consts: dict[int, np.ndarray] = {
             i: dequantize(t) for i, t in enumerate(graph.tensors) if t.data is not None
         }
-        self.steps = nn.ModuleList()
         for op in graph.ops:
             if op.name not in SUPPORTED_OPS:
                 raise TfliteError(
@@ -281,9 +299,44 @@ class TfliteModule(nn.Module):
                 if op.inputs[0] not in self._consts:
                     raise TfliteError(f"{graph.path}: DEQUANTIZE of a computed tensor")
                 self._consts[op.outputs[0]] = self._consts[op.inputs[0]]
+        self._producer = {out: op for op in graph.ops for out in op.outputs}
+        self._uses = Counter(i for op in graph.ops for i in op.inputs)
+        self._uses.update(self.outputs)
+        self._folded = self._fold_channel_pads(graph.ops)
+        self.steps = nn.ModuleList(
+            self._build(op)
+            for op in graph.ops
+            if op.name != "DEQUANTIZE" and op.outputs[0] not in self._folded
+        )
+        del self._graph, self._consts, self._producer, self._uses
+
+    def _fresh(self, index: int) -> bool:
+        """Whether the tensor may be overwritten by its one consumer: computed by an operator
+        into memory of its own (not a reshaped view, not the caller's input), read only once."""
+        op = self._producer.get(index)
+        return (
+            op is not None and op.name not in ("RESHAPE", "DEQUANTIZE") and self._uses[index] == 1
+        )
+
+    def _fold_channel_pads(self, ops: list[TfliteOp]) -> dict[int, tuple[int, int]]:
+        """BlazeFace's shortcuts zero-pad channels, then ADD: instead, add the unpadded tensor
+        into the channel slice of the other (fresh) summand, in place. Returns, per folded PAD
+        output, its input and first channel."""
+        folded = {}
+        for op in ops:
+            if op.name != "ADD" or len(op.inputs) != 2:
                 continue
-            self.steps.append(self._build(op))
-        del self._graph, self._consts
+            for padded, other in (op.inputs, op.inputs[::-1]):
+                pad = self._producer.get(padded)
+                if pad is None or pad.name != "PAD" or self._uses[padded] != 1:
+                    continue
+                pads = self._consts.get(pad.inputs[1])
+                if pads is None or pads.shape != (4, 2) or pads[:3].any() or not self._fresh(other):
+                    continue
+                if self._shape(other) == self._shape(op.outputs[0]):
+                    folded[padded] = (pad.inputs[0], int(pads[3, 0]))
+                    break
+        return folded
 
     def _const(self, index: int) -> np.ndarray:
         if index not in self._consts:
@@ -313,13 +366,26 @@ class TfliteModule(nn.Module):
             return _Step(pool, computed, out)
         if op.name == "ADD":
             act = _activation(o["FusedActivationFunction"], self.path)
+            folded = [i for i in computed if i in self._folded]
+            if folded:
+                (other,) = [i for i in computed if i != folded[0]]
+                source, first = self._folded[folded[0]]
+
+                def add_into(a: Tensor, x: Tensor) -> Tensor:
+                    a[:, first : first + x.shape[1]] += x
+                    return act(a)
+
+                return _Step(add_into, [other, source], out)
             if len(computed) == 2:
-                return _Step(lambda a, b: act(a + b), computed, out)
+                a, b = computed
+                if self._fresh(a) and self._shape(a) == self._shape(out):
+                    return _Step(lambda x, y: act(x.add_(y)), computed, out)
+                return _Step(lambda x, y: act(x + y), computed, out)
             other = self._layout(self._const(next(i for i in op.inputs if i in self._consts)))
             bias = torch.from_numpy(other)
             return _Step(lambda a: act(a + bias), computed, out)
         if op.name == "RELU":
-            return _Step(F.relu, computed, out)
+            return _Step(torch.relu_ if self._fresh(computed[0]) else F.relu, computed, out)
         if op.name == "PRELU":
             alpha = torch.from_numpy(self._layout(self._const(op.inputs[1])))
             return _Step(lambda x: torch.where(x >= 0, x, x * alpha), computed, out)
