@@ -173,6 +173,19 @@ def test_five_points_on_a_template_face_are_the_template() -> None:
         np.testing.assert_allclose(out[k], face, atol=1e-3)
 
 
+def test_five_points_of_no_faces() -> None:
+    assert five_points(np.zeros((0, 6, 2), np.float32)).shape == (0, 5, 2)
+
+
+def test_frozen_runner_computes_the_network(detector: BlazeFace) -> None:
+    """`detect` runs the traced, frozen graph (in-place operators included): same outputs as
+    the converted network, at batch sizes other than the traced one."""
+    x = torch.randn(3, 3, 128, 128).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for got, want in zip(detector.runner(x), detector.network(x), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def detector() -> BlazeFace:
     _model_file(SHORT_RANGE.file)
