@@ -320,3 +320,23 @@ def test_cli_gallery_remembers_its_detector(
     rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
     assert rows[0]["identity"] == "Tony_Blair"
     assert main(["identify", *g, "--detector", "mtcnn", "--threshold", "0.5", probe]) == 2
+
+
+def test_server_detects_with_the_model_detector(
+    lfw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+    from serving import KEYS, READ, upload
+
+    from facelab.serve import ServeConfig, create_app
+
+    built: list[str] = []
+    create = DETECTORS.create
+    monkeypatch.setattr(DETECTORS, "create", lambda name, **kw: built.append(name) or create(name))
+    model = with_detector(FaceModel.create("mobilefacenet", preprocess=FIVE_POINT), "blazeface")
+    app = create_app(model.eval(), ServeConfig(gallery=tmp_path / "g.db", keys=KEYS))
+    data = (lfw / "images" / LFW_SAMPLES[0]).read_bytes()
+    with TestClient(app) as client:
+        r = client.post("/v1/embed", files=[upload("image", data, "image/jpeg")], headers=READ)
+    assert r.status_code == 200, r.text
+    assert built == ["blazeface"]
