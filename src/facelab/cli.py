@@ -662,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.choices[name].add_argument(
             "--detector",
             help="face detector of landmark-aligned models: mtcnn (default), blazeface "
-            "(faster; faces from about 1/5 of the picture up) or blazeface_full; default: "
+            "(faster; for faces that fill a good part of the photo) or blazeface_full; default: "
             "the model's (a gallery's: the one it was built with)",
         )
     return parser
