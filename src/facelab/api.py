@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from facelab.models.catalogue import ModelSummary
 from facelab.models.checkpoint import load_checkpoint, model_from_checkpoint
 from facelab.models.face_model import FaceModel
 from facelab.models.operating_points import TARGET_FARS
-from facelab.models.registry import BACKBONES
+from facelab.models.registry import BACKBONES, DETECTORS
 from facelab.pipeline import Embedded, ImageLike, embed_images
 from facelab.submission import load_classifier as load_classifier
 from facelab.submission import predict_folder as predict_folder
@@ -40,14 +41,38 @@ def is_model_name(spec: str | Path) -> bool:
     return isinstance(spec, str) and spec in BACKBONES.names()
 
 
+def with_detector(model: FaceModel, detector: str | None) -> FaceModel:
+    """The model with its preprocessing naming `detector` (a registered face detector, e.g.
+    "blazeface"); None or its own: the model itself.
+
+    The detector is part of the preprocessing, so of the fingerprint (except the default,
+    MTCNN): a gallery built with one detector refuses embeddings made with another. A model
+    whose fingerprint is frozen (ONNX file, traced fast path) gets one derived from it."""
+    if detector is None or detector == model.preprocess.detector:
+        return model
+    DETECTORS.get(detector)  # an unknown name fails here, listing the known ones
+    frozen = model.frozen_fingerprint
+    if frozen is not None:
+        frozen = hashlib.sha256(f"{frozen}|detector={detector}".encode()).hexdigest()[:16]
+    spec = replace(model.preprocess, detector=detector)
+    changed = type(model)(model.backbone, spec, model.name, model.kwargs, frozen)
+    return changed.train(model.training)
+
+
 def load_model(
-    spec: str | Path, device: str | None = None, runtime: str | None = None
+    spec: str | Path,
+    device: str | None = None,
+    runtime: str | None = None,
+    detector: str | None = None,
 ) -> FaceModel:
     """A facelab checkpoint file, the name of a registered backbone that ships pretrained
     weights (e.g. "dlib_resnet"), or an ONNX file made by `facelab export`, loaded offline.
 
     runtime: "torch", or "onnx" to embed with onnxruntime (a PyTorch model is exported in
-    memory first); default: "onnx" for .onnx files, else "torch"."""
+    memory first); default: "onnx" for .onnx files, else "torch". detector: the face detector
+    of landmark-aligned models (`with_detector`); default: the one the model records."""
+    if detector is not None:
+        return with_detector(load_model(spec, device, runtime), detector)
     path = Path(spec)
     if runtime not in (None, *RUNTIMES):
         raise ValueError(f"runtime must be one of {RUNTIMES}, not {runtime!r}")

@@ -34,6 +34,19 @@ log = logging.getLogger("facelab")
 GALLERY_HELP = "gallery file, or a postgresql://user@host:port/db address (default gallery.db)"
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {}
+# Commands that embed faces, so take --detector.
+DETECTOR_COMMANDS = (
+    "eval",
+    "embed",
+    "verify",
+    "enroll",
+    "identify",
+    "map",
+    "calibrate",
+    "eval-identification",
+    "score",
+    "serve",
+)
 
 
 def command(name: str) -> Callable:
@@ -106,7 +119,7 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     if args.out:
         check_writable_folder(args.out)
-    model = api.load_model(args.model)
+    model = _load_model(args, args.model)
     report = api.evaluate(model, args.trials, args.images_root, flip=args.flip, out_dir=args.out)
     print(json.dumps(report, indent=2))
 
@@ -159,7 +172,7 @@ def _classify(args: argparse.Namespace) -> None:
 @command("embed")
 def _embed(args: argparse.Namespace) -> None:
     check_writable(args.out)
-    model = api.load_model(args.model, runtime=args.runtime)
+    model = _load_model(args, args.model, runtime=args.runtime)
     result = api.embed_directory(
         model,
         args.folder,
@@ -215,7 +228,7 @@ def _verify(args: argparse.Namespace) -> None:
         return
     if not (args.model and args.a and args.b):
         raise SystemExit("facelab verify: give MODEL A B, or --claim NAME IMAGE")
-    model = api.load_model(args.model)
+    model = _load_model(args, args.model)
     result = api.verify(
         model, args.a, args.b, threshold=args.threshold, flip=args.flip, far=args.far
     )
@@ -239,8 +252,23 @@ def _model_source(args: argparse.Namespace) -> str:
     return source
 
 
-def _gallery_model(args: argparse.Namespace) -> Any:
-    return api.load_model(_model_source(args))
+def _gallery_model(args: argparse.Namespace, **kwargs: Any) -> Any:
+    """The model for a gallery command: --model or the gallery's own, with --detector or else
+    the detector the gallery's embeddings were made with."""
+    from facelab.gallery import GalleryStore
+
+    model = _load_model(args, _model_source(args), **kwargs)
+    if args.detector is None and Path(args.gallery).is_file():
+        with GalleryStore(args.gallery) as store:
+            info = store.model()
+        if info is not None:
+            model = api.with_detector(model, info.preprocess.get("detector"))
+    return model
+
+
+def _load_model(args: argparse.Namespace, source: str, **kwargs: Any) -> Any:
+    """api.load_model with the command's --detector, if it has one."""
+    return api.load_model(source, detector=getattr(args, "detector", None), **kwargs)
 
 
 def _remember_model(args: argparse.Namespace) -> None:
@@ -315,7 +343,7 @@ def _map(args: argparse.Namespace) -> None:
 
     check_writable(args.out)
     result = map_unknown(
-        api.load_model(args.model),
+        _load_model(args, args.model),
         args.known,
         args.unknown,
         labels=args.labels,
@@ -381,7 +409,7 @@ def _eval_identification(args: argparse.Namespace) -> None:
 
     if args.mapping_split:
         write_lfw_mapping_split(args.lfw, args.mapping_split)
-    report = eval_identification(api.load_model(args.model), args.lfw, out_dir=args.out)
+    report = eval_identification(_load_model(args, args.model), args.lfw, out_dir=args.out)
     print(json.dumps(report, indent=2))
 
 
@@ -397,7 +425,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _score(args: argparse.Namespace) -> None:
     check_writable(args.out)
     summary = api.score_trial_file(
-        api.load_model(args.model),
+        _load_model(args, args.model),
         args.trials,
         args.out,
         columns=parse_columns(args.columns),
@@ -501,7 +529,7 @@ def _serve(args: argparse.Namespace) -> None:
         model_source=source,
         search=args.search,
     )
-    run(api.load_model(source, runtime=args.runtime), config, host=args.host, port=args.port)
+    run(_gallery_model(args, runtime=args.runtime), config, host=args.host, port=args.port)
 
 
 @command("export")
@@ -512,10 +540,10 @@ def _export(args: argparse.Namespace) -> None:
     if args.format == "checkpoint":  # a checkpoint file is read once, for its model and run
         is_file = Path(args.model).is_file() and not api.is_model_name(args.model)
         run = load_checkpoint(args.model) if is_file else None
-        model = model_from_checkpoint(run) if run else api.load_model(args.model)
+        model = model_from_checkpoint(run) if run else _load_model(args, args.model)
         print(save_model_checkpoint(args.out, model, run))
         return
-    model = api.load_model(args.model)
+    model = _load_model(args, args.model)
     report = export_onnx(model, args.out, opset=args.opset, quantization=args.quantize)
     print(json.dumps(asdict(report)))
 
@@ -743,6 +771,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_submission_commands(sub)
     _add_deployment_commands(sub)
+    for name in DETECTOR_COMMANDS:
+        sub.choices[name].add_argument(
+            "--detector",
+            help="face detector of landmark-aligned models: mtcnn (default), blazeface "
+            "(faster; for faces that fill a good part of the photo) or blazeface_full; default: "
+            "the model's (a gallery's: the one it was built with)",
+        )
     return parser
 
 

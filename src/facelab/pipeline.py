@@ -95,6 +95,13 @@ def main_face_landmarks(detections: Detections, shape: tuple[int, ...]) -> np.nd
 ImageLike = str | Path | np.ndarray
 
 
+def make_detector(spec: Preprocess, detector: str | object | None = None) -> object:
+    """`detector` as an object: built by name, or the one `spec` names when None."""
+    if detector is None:
+        detector = spec.detector
+    return DETECTORS.create(detector) if isinstance(detector, str) else detector
+
+
 def _as_image(item: ImageLike) -> np.ndarray:
     return item if isinstance(item, np.ndarray) else read_image(item)
 
@@ -118,14 +125,15 @@ def embed_images(
     items: Sequence[ImageLike],
     flip: bool = False,
     batch_size: int = 64,
-    detector: str | object = "mtcnn",
+    detector: str | object | None = None,
     workers: int = 2,
     progress: bool = True,
     skip_bad: bool = False,
 ) -> Embedded:
     """Embed each image (file path or RGB uint8 array; its main face, `face_order`) with the model's
     stored preprocessing. A background thread decodes the next batch while this one is
-    detected, aligned and embedded; `Embedded.seconds` says where the time went.
+    detected, aligned and embedded; `Embedded.seconds` says where the time went. `detector`:
+    a registered name or a detector object; default: the one the preprocessing names.
 
     An unreadable file raises ImageError naming it, or with `skip_bad` is left out of the
     result (listed in `Embedded.skipped`)."""
@@ -133,7 +141,7 @@ def embed_images(
     spec = model.preprocess
     aligner = None
     if spec.alignment in LANDMARK_ALIGNMENTS:
-        aligner = DETECTORS.create(detector) if isinstance(detector, str) else detector
+        aligner = make_detector(spec, detector)
     batches = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
     seconds = dict.fromkeys(("read", "detect", "align", "embed"), 0.0)
     chunks = []

@@ -3,9 +3,9 @@ faces onto known identities, calibrate thresholds, and evaluate identification o
 
 Face policy (one place, used by every function here):
 
-- models aligned on landmarks (five_point, dlib_chip) find faces with a detector (MTCNN by
-  default); models aligned by a centre crop were trained on pre-cropped faces, so each image is
-  taken as one face;
+- models aligned on landmarks (five_point, dlib_chip) find faces with the detector their
+  preprocessing names (MTCNN by default); models aligned by a centre crop were trained on
+  pre-cropped faces, so each image is taken as one face;
 - several faces in an image: the photo's subject is used, the largest face after a penalty for
   distance from the image centre (`face_order`, insightface's rule); `all_faces=True` uses each,
   numbered 0, 1, ... in that order;
@@ -66,8 +66,7 @@ from facelab.models.detectors.mtcnn import face_order
 from facelab.models.face_model import FaceModel
 from facelab.models.operating_points import DEFAULT_FAR, point_at
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS
-from facelab.models.registry import DETECTORS
-from facelab.pipeline import ImageLike, alignment_points
+from facelab.pipeline import ImageLike, alignment_points, make_detector
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def find_faces(
     items: Sequence[ImageLike],
     all_faces: bool = False,
     no_face: str = "error",
-    detector: str | object = "mtcnn",
+    detector: str | object | None = None,
     batch_size: int = 32,
     progress: bool = False,
 ) -> list[Face]:
@@ -115,7 +114,7 @@ def find_faces(
     spec = model.preprocess
     aligner = None
     if spec.alignment in LANDMARK_ALIGNMENTS:
-        aligner = DETECTORS.create(detector) if isinstance(detector, str) else detector
+        aligner = make_detector(spec, detector)
     faces: list[Face] = []
     bar = tqdm(total=len(items), desc="faces", unit="img", disable=not progress)
     for start in range(0, len(items), batch_size):
@@ -204,7 +203,7 @@ def enroll_people(
     append: bool = False,
     all_faces: bool = False,
     no_face: str = "error",
-    detector: str | object = "mtcnn",
+    detector: str | object | None = None,
     progress: bool = True,
 ) -> EnrollReport:
     """Enroll several people in one transaction: all of them are stored, or (on any error or
@@ -370,7 +369,7 @@ def verify_claim(
     far: float | None = None,
     aggregate: str = "max",
     no_face: str = "error",
-    detector: str | object = "mtcnn",
+    detector: str | object | None = None,
 ) -> Claim:
     """Accept or reject "this is `name`" for the main face of `image` (1:1)."""
     with _opened(gallery) as store:
@@ -412,7 +411,7 @@ def identify(
     aggregate: str = "max",
     all_faces: bool = False,
     no_face: str = "error",
-    detector: str | object = "mtcnn",
+    detector: str | object | None = None,
     search: GallerySearch | None = None,
 ) -> list[Identification]:
     """Top-k enrolled identities for each face (the main one, or each with `all_faces`); the
@@ -501,7 +500,7 @@ def map_unknown(
     method: str = "exact",
     aggregate: str = "max",
     no_face: str = "centre",
-    detector: str | object = "mtcnn",
+    detector: str | object | None = None,
     progress: bool = True,
     columns: Sequence[str] = MAPPING_COLUMNS,
 ) -> MappingResult:
@@ -549,7 +548,7 @@ def calibrate(
     target_far: float = 1e-3,
     images_root: str | Path | None = None,
     no_face: str = "centre",
-    detector: str | object = "mtcnn",
+    detector: str | object | None = None,
     progress: bool = True,
 ) -> Threshold:
     """Pick the threshold whose false-accept rate on a labelled trial list does not exceed
@@ -660,7 +659,7 @@ def eval_identification(
     out_dir: str | Path | None = None,
     fars: Sequence[float] = (0.01, 0.001),
     no_face: str = "centre",
-    detector: str | object = "mtcnn",
+    detector: str | object | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """LFW open-set identification (rank-1/5, DIR at each FAR, DIR-vs-FAR curve) and the

@@ -21,6 +21,9 @@ ALIGNMENTS = ("centre_crop", "five_point", "dlib_chip")
 LANDMARK_ALIGNMENTS = ("five_point", "dlib_chip")
 # dlib_chip: the margin dlib's compute_face_descriptor leaves around the face, in face widths.
 DLIB_CHIP_PADDING = 0.25
+# The face detector landmark alignments use unless the preprocessing names another; left out of
+# `fingerprint`, so models and galleries made before the field existed keep theirs.
+DEFAULT_DETECTOR = "mtcnn"
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class Preprocess:
     the rectangle mapped from the detector's face; where no face is found, the centre-crop
     region is that rectangle.
     Values are (pixel - mean) / std per channel, in the network's colour order.
+    detector: the registered face detector (`DETECTORS`) that finds the faces and landmarks
+    of the landmark alignments, e.g. "mtcnn" or "blazeface".
     """
 
     size: int = 112
@@ -46,6 +51,7 @@ class Preprocess:
     alignment: str = "centre_crop"
     crop: float = 0.6
     template: tuple[tuple[float, float], ...] | None = field(default=None)
+    detector: str = DEFAULT_DETECTOR
 
     def __post_init__(self) -> None:
         if self.colour not in COLOUR_ORDERS:
@@ -62,6 +68,8 @@ class Preprocess:
             )
         if not 0 < self.crop <= 1:
             raise ValueError(f"preprocess.crop must be in (0, 1], not {self.crop}")
+        if not isinstance(self.detector, str) or not self.detector:
+            raise ValueError(f"preprocess.detector must be a detector name, not {self.detector!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,7 +85,10 @@ class Preprocess:
 
     def fingerprint(self) -> str:
         """A short stable hash: two models embed comparably only if their fingerprints match."""
-        text = json.dumps(self.to_dict(), sort_keys=True)
+        fields = self.to_dict()
+        if fields["detector"] == DEFAULT_DETECTOR:
+            del fields["detector"]
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def crop_face(self, image: np.ndarray, landmarks: np.ndarray | None = None) -> np.ndarray:

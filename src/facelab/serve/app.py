@@ -57,7 +57,7 @@ from facelab.gallery.store import GalleryBusy, GalleryConflict
 from facelab.models.export import OnnxFaceModel
 from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS
-from facelab.models.registry import DETECTORS
+from facelab.pipeline import make_detector
 from facelab.serve import kept
 from facelab.serve.batching import BatchedDetector, BatchedFaceModel
 from facelab.serve.inputs import ApiError, BodySpec, ImageField, Upload
@@ -355,8 +355,9 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     served = BatchedFaceModel(model, config.max_batch, wait)
     detector: BatchedDetector | None = None
     if model.preprocess.alignment in LANDMARK_ALIGNMENTS:
-        mtcnn = DETECTORS.create("mtcnn")
-        detector = BatchedDetector(mtcnn, config.max_batch, wait, max_faces=work.max_faces)
+        detector = BatchedDetector(
+            make_detector(model.preprocess), config.max_batch, wait, max_faces=work.max_faces
+        )
     info = ModelInfo.of(served)
     keep_dir = config.keep_dir or _default_keep_dir(config.gallery)
     with backends.open_store(config.gallery, create=True) as store:

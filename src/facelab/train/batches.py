@@ -22,8 +22,12 @@ from torch.utils.data import DataLoader, Dataset
 from facelab.data.augment import Augment
 from facelab.data.faces import load_faces
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS, Preprocess
-from facelab.models.registry import DETECTORS
-from facelab.pipeline import FACE_SELECTION, alignment_points, main_face_landmarks
+from facelab.pipeline import (
+    FACE_SELECTION,
+    alignment_points,
+    main_face_landmarks,
+    make_detector,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +68,9 @@ def batch_loader(
 
 
 class _Aligner:
-    """Landmark alignment on the main MTCNN face (`face_order`), with the pipeline's fallback
-    (the centre-crop region) where none is found; counts the fallbacks."""
+    """Landmark alignment on the main face (`face_order`) the preprocessing's detector finds,
+    with the pipeline's fallback (the centre-crop region) where none is found; counts the
+    fallbacks."""
 
     def __init__(self, spec: Preprocess) -> None:
         self.spec = spec
@@ -76,7 +81,7 @@ class _Aligner:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         with self._lock:
             if self._detector is None:
-                self._detector = DETECTORS.create("mtcnn")
+                self._detector = make_detector(self.spec)
         found = main_face_landmarks(self._detector.detect([image])[0], image.shape)
         if found is None:
             with self._lock:

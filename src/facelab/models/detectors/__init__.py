@@ -1,3 +1,3 @@
 """Importing this package registers every built-in face detector."""
 
-from facelab.models.detectors import mtcnn  # noqa: F401
+from facelab.models.detectors import blazeface, mtcnn  # noqa: F401
