@@ -129,7 +129,7 @@ def main() -> None:
         "images": n,
         "pairs_file": args.pairs,
         "no_face_fallbacks": {
-            **{f"facelab {a}": int(o.fallback.sum()) for a, o, _ in runs},
+            **{f"facelab {a}": o.route_counts() for a, o, _ in runs},
             "dlib": dlib.fallbacks,
         },
         "descriptor_cosine_facelab_vs_dlib": {
@@ -166,7 +166,7 @@ def main() -> None:
             f"| {second:.1f} | {embed_ms:.1f} | {ms['total']:.1f} "
             f"| {dlib_ms['total'] / ms['total']:.2f}x |"
         )
-    print("no face found (centre fallback):", result["no_face_fallbacks"])
+    print("facelab routes; dlib: no face found (centre fallback):", result["no_face_fallbacks"])
     for a, c in result["descriptor_cosine_facelab_vs_dlib"].items():
         print(
             f"descriptor cosine facelab ({a}) vs dlib, same image: mean {c['mean']:.4f}, "

@@ -63,9 +63,14 @@ def load_model(
     return model.to(device) if device else model
 
 
-def embed(model: FaceModel, images: Sequence[ImageLike], flip: bool = False) -> np.ndarray:
-    """L2-normalised embeddings (N, D) of images given as paths or RGB uint8 arrays."""
-    return embed_images(model, images, flip=flip, progress=False).embeddings
+def embed(
+    model: FaceModel, images: Sequence[ImageLike], flip: bool = False, input: str = "photo"
+) -> np.ndarray:
+    """L2-normalised embeddings (N, D) of images given as paths or RGB uint8 arrays.
+
+    input: "photo" (find each face), or "aligned" for crops already aligned like
+    insightface's 112x112 ArcFace crops (`facelab.pipeline.INPUT_MODES`)."""
+    return embed_images(model, images, flip=flip, progress=False, input=input).embeddings
 
 
 def embed_directory(
@@ -75,10 +80,12 @@ def embed_directory(
     flip: bool = False,
     fast: bool = True,
     progress: bool = True,
+    input: str = "photo",
 ) -> Embedded:
-    """Embed every image under `root` (recursively, sorted), its main face, in batches.
+    """Embed every image under `root` (recursively, sorted), its main face, in batches; each
+    row's route (how its face was found) is in `Embedded.routes`.
 
-    fast: run a traced, frozen copy of the model (`FaceModel.for_inference`).
+    fast: run a traced, frozen copy of the model (`FaceModel.for_inference`); input: as `embed`.
     """
     root = Path(root)
     if not root.is_dir():
@@ -87,11 +94,14 @@ def embed_directory(
     if not paths:
         raise ValueError(f"{root}: no images found")
     runner = model.for_inference() if fast else model
-    return embed_images(runner, paths, flip=flip, batch_size=batch_size, progress=progress)
+    return embed_images(
+        runner, paths, flip=flip, batch_size=batch_size, progress=progress, input=input
+    )
 
 
 def save_embeddings(result: Embedded, model: FaceModel, out: str | Path) -> Path:
-    """Write paths, embeddings, no-face flags and the model fingerprint to an .npz, atomically."""
+    """Write paths, embeddings, each face's route and the model fingerprint to an .npz,
+    atomically."""
     import io
 
     buffer = io.BytesIO()
@@ -99,7 +109,7 @@ def save_embeddings(result: Embedded, model: FaceModel, out: str | Path) -> Path
         buffer,
         paths=np.array([str(p) for p in result.paths]),
         embeddings=result.embeddings,
-        no_face=result.fallback,
+        routes=result.routes,
         model=np.array(model.name),
         fingerprint=np.array(model.fingerprint()),
     )
@@ -111,24 +121,36 @@ class Verification:
     score: float  # cosine similarity
     threshold: float | None
     same: bool | None  # None when no threshold was given
+    routes: tuple[str, str] = ("", "")  # how each image's face was found (pipeline.ROUTES)
 
 
 def verify(
-    model: FaceModel, a: ImageLike, b: ImageLike, threshold: float | None = None, flip: bool = False
+    model: FaceModel,
+    a: ImageLike,
+    b: ImageLike,
+    threshold: float | None = None,
+    flip: bool = False,
+    input: str = "photo",
 ) -> Verification:
-    """1:1 comparison of two face images by cosine similarity."""
-    emb = embed(model, [a, b], flip=flip)
+    """1:1 comparison of two face images by cosine similarity; input: as `embed`."""
+    result = embed_images(model, [a, b], flip=flip, progress=False, input=input)
+    emb = result.embeddings
     score = float(emb[0] @ emb[1])
-    return Verification(score, threshold, None if threshold is None else score >= threshold)
+    same = None if threshold is None else score >= threshold
+    return Verification(score, threshold, same, tuple(result.routes.tolist()))
 
 
 def score_trials(
-    model: FaceModel, trials: Sequence[Trial], flip: bool = False, batch_size: int = 64
+    model: FaceModel,
+    trials: Sequence[Trial],
+    flip: bool = False,
+    batch_size: int = 64,
+    input: str = "photo",
 ) -> np.ndarray:
-    """Cosine score of every trial, embedding each unique image once."""
+    """Cosine score of every trial, embedding each unique image once; input: as `embed`."""
     unique = sorted({p for t in trials for p in (t.a, t.b)})
     index = {p: i for i, p in enumerate(unique)}
-    emb = embed_images(model, unique, flip=flip, batch_size=batch_size).embeddings
+    emb = embed_images(model, unique, flip=flip, batch_size=batch_size, input=input).embeddings
     a = np.fromiter((index[t.a] for t in trials), dtype=np.int64, count=len(trials))
     b = np.fromiter((index[t.b] for t in trials), dtype=np.int64, count=len(trials))
     return np.einsum("ij,ij->i", emb[a], emb[b])
@@ -141,13 +163,14 @@ def evaluate(
     flip: bool = False,
     out_dir: str | Path | None = None,
     batch_size: int = 64,
+    input: str = "photo",
 ) -> dict[str, Any]:
     """Verification metrics of a labelled trial list (10-fold accuracy when it has folds);
     with `out_dir`, also metrics.json, roc.png and scores.png there."""
     trials = read_trials(trials_path, images_root)
     if any(t.label is None for t in trials):
         raise ValueError(f"{trials_path}: evaluation needs a label on every trial")
-    scores = score_trials(model, trials, flip=flip, batch_size=batch_size)
+    scores = score_trials(model, trials, flip=flip, batch_size=batch_size, input=input)
     labels = np.array([t.label for t in trials])
     folds = np.array([t.fold for t in trials]) if trials[0].fold is not None else None
     report = verification_report(scores, labels, folds)

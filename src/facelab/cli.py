@@ -23,6 +23,7 @@ from facelab.models.checkpoint import (
     model_from_checkpoint,
     save_model_checkpoint,
 )
+from facelab.pipeline import INPUT_MODES
 from facelab.runtime import set_threads
 from facelab.submission import ID_STYLES, SCORE_CHUNK, parse_columns
 
@@ -96,7 +97,9 @@ def _train(args: argparse.Namespace) -> None:
 @command("eval")
 def _eval(args: argparse.Namespace) -> None:
     model = api.load_model(args.model)
-    report = api.evaluate(model, args.trials, args.images_root, flip=args.flip, out_dir=args.out)
+    report = api.evaluate(
+        model, args.trials, args.images_root, flip=args.flip, out_dir=args.out, input=args.input
+    )
     print(json.dumps(report, indent=2))
 
 
@@ -109,7 +112,12 @@ def _classify(args: argparse.Namespace) -> None:
 def _embed(args: argparse.Namespace) -> None:
     model = api.load_model(args.model, runtime=args.runtime)
     result = api.embed_directory(
-        model, args.folder, batch_size=args.batch_size, flip=args.flip, fast=not args.eager
+        model,
+        args.folder,
+        batch_size=args.batch_size,
+        flip=args.flip,
+        fast=not args.eager,
+        input=args.input,
     )
     api.save_embeddings(result, model, args.out)
     n = len(result.paths)
@@ -119,7 +127,7 @@ def _embed(args: argparse.Namespace) -> None:
             {
                 "out": args.out,
                 "images": n,
-                "no_face": int(result.fallback.sum()),
+                "routes": result.route_counts(),
                 "faces_per_s": round(n / max(total, 1e-9), 1),
                 "ms_per_face": {k: round(1000 * v / n, 2) for k, v in result.seconds.items()},
             }
@@ -158,7 +166,9 @@ def _verify(args: argparse.Namespace) -> None:
     if not (args.model and args.a and args.b):
         raise SystemExit("facelab verify: give MODEL A B, or --claim NAME IMAGE")
     model = api.load_model(args.model)
-    result = api.verify(model, args.a, args.b, threshold=args.threshold, flip=args.flip)
+    result = api.verify(
+        model, args.a, args.b, threshold=args.threshold, flip=args.flip, input=args.input
+    )
     print(json.dumps(result.__dict__))
 
 
@@ -440,6 +450,16 @@ def _export(args: argparse.Namespace) -> None:
     print(json.dumps(asdict(report)))
 
 
+def _input_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        choices=INPUT_MODES,
+        default="photo",
+        help="photo: find each face (default); aligned: images are aligned face crops laid out "
+        "like insightface's 112x112 ArcFace crops (any size), no detection",
+    )
+
+
 def _runtime_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--runtime",
@@ -522,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-root", help="where relative image paths resolve")
     p.add_argument("--flip", action="store_true", help="add the mirrored face's embedding")
     p.add_argument("--out", help="folder for metrics.json, roc.png, scores.png")
+    _input_option(p)
 
     p = sub.add_parser("embed", help="embed every image of a folder into an .npz")
     p.add_argument("folder")
@@ -531,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="add the mirrored face's embedding")
     p.add_argument("--eager", action="store_true", help="skip the traced, frozen fast path")
     _runtime_option(p)
+    _input_option(p)
 
     p = sub.add_parser("classify", help="top-1/top-5 accuracy on a run's held-out images")
     p.add_argument("checkpoint")
@@ -552,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _threshold_options(p)
     p.add_argument("--flip", action="store_true")
+    _input_option(p)
 
     p = sub.add_parser(
         "enroll",

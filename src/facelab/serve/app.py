@@ -47,11 +47,12 @@ from facelab.gallery import (
     identify,
     verify_claim,
 )
-from facelab.gallery.service import resolve_threshold
+from facelab.gallery.service import Face, Identification, resolve_threshold
 from facelab.models.export import OnnxFaceModel
 from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS
 from facelab.models.registry import DETECTORS
+from facelab.pipeline import ROUTES
 from facelab.serve.batching import BatchedDetector, BatchedFaceModel
 from facelab.serve.inputs import ApiError, BodySpec, ImageField, Upload, decode_uploads
 from facelab.serve.security import ApiKeys, BodyLimit, KeyConfigError
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 # Identity names: letters, digits, space, _ . ' - ; starting and ending with a letter, digit or
 # one of _ . ' (so never "", ".", "..", a path separator or surrounding blanks).
 NAME_PATTERN = r"^\w(?:[\w .'-]{0,98}[\w.'-])?$"
-NoFace = Literal["error", "skip", "centre"]
+NoFace = Literal["error", "skip", "whole_frame", "centre"]
 Similarity = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
 Far = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
@@ -171,6 +172,7 @@ class FaceOut(BaseModel):
     image: str = Field(description="the image field the face was found in")
     face: int = Field(description="0 = the main face of the image (large and central)")
     box: Box | None = Field(description="null: the centre crop was taken as the face")
+    route: str = Field(description=f"how the face was found, one of {', '.join(ROUTES)}")
 
 
 class EmbeddedFace(FaceOut):
@@ -268,8 +270,9 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 # -- the application ----------------------------------------------------------------------------
 
 
-def _face_out(field: str, face: int, box: tuple[float, ...] | None) -> dict[str, Any]:
-    return {"image": field, "face": face, "box": list(box) if box is not None else None}
+def _face_out(field: str, face: Face | Identification) -> dict[str, Any]:
+    box = list(face.box) if face.box is not None else None
+    return {"image": field, "face": face.face, "box": box, "route": face.route}
 
 
 def _kept_name(upload: Upload) -> str:
@@ -453,9 +456,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
                 model=info.name,
                 fingerprint=info.fingerprint,
                 faces=[
-                    EmbeddedFace(
-                        **_face_out("image", f.face, f.box), embedding=f.embedding.tolist()
-                    )
+                    EmbeddedFace(**_face_out("image", f), embedding=f.embedding.tolist())
                     for f in faces
                 ],
             )
@@ -495,7 +496,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             decision=decision,
             threshold=ThresholdOut.of(threshold) if threshold else None,
             identity=None,
-            faces=[FaceOut(**_face_out(uploads[f.item].field, f.face, f.box)) for f in faces],
+            faces=[FaceOut(**_face_out(uploads[f.item].field, f)) for f in faces],
         )
 
     def claim(opts: VerifyOptions, uploads: list[Upload]) -> VerifyOut:
@@ -549,7 +550,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             return IdentifyOut(
                 faces=[
                     IdentifiedFace(
-                        **_face_out("image", r.face, r.box),
+                        **_face_out("image", r),
                         identity=r.identity,
                         score=r.score,
                         candidates=[
