@@ -307,3 +307,27 @@ def test_routes_reach_cli_npz_and_verify(
     reply = json.loads(capsys.readouterr().out)
     assert reply["routes"] == ["detected", "upsampled"]
     assert reply["score"] > 0.9
+
+
+def test_gallery_finds_a_thumbnail_and_records_its_route(
+    model: object, photos: list[np.ndarray]
+) -> None:
+    """Before: a 32-px face crop had no face for the gallery (no_face='error' refused it)."""
+    from facelab.gallery import find_faces
+
+    faces = find_faces(model, [photos[0], tight_crops(photos[:1], 32)[0]])
+    assert [f.route for f in faces] == ["detected", "upsampled"]
+    assert float(faces[0].embedding @ faces[1].embedding) > 0.93
+
+
+def test_server_replies_carry_the_route(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+    from serving import KEYS, READ, png, tiny_model, upload
+
+    from facelab.serve import ServeConfig, create_app
+
+    app = create_app(tiny_model(), ServeConfig(gallery=tmp_path / "gallery.db", keys=KEYS))
+    with TestClient(app) as client:
+        reply = client.post("/v1/embed", files=[upload("image", png(0))], headers=READ)
+    assert reply.status_code == 200, reply.text
+    assert [f["route"] for f in reply.json()["faces"]] == ["centre_crop"]
