@@ -136,9 +136,14 @@ def whole_frame_landmarks(image: np.ndarray) -> np.ndarray:
     """Detector-order five points (eyes, nose, mouth corners) of a face that fills the frame:
     dlib's 5-point shape model on the whole image rectangle (what dlib users do with crops),
     its eye corners and nose base carried to MTCNN's points through dlib's chip, where
-    DLIB_RESNET_TEMPLATE records where MTCNN's points fall (median over LFW faces)."""
+    DLIB_RESNET_TEMPLATE records where MTCNN's points fall (median over LFW faces).
+
+    The shape model compares pixel differences with fixed thresholds, so it reads a
+    histogram-equalised copy: dark, low-contrast and side-lit faces then look like the
+    photos it was trained on (measured in docs/inputs.md; the network still sees the image)."""
     h, w = image.shape[:2]
-    parts = shape_predictor_5().predict(image, (0, 0, w - 1, h - 1))
+    equalised = np.asarray(ImageOps.equalize(Image.fromarray(image)))
+    parts = shape_predictor_5().predict(equalised, (0, 0, w - 1, h - 1))
     chip_to_image = similarity_transform(dlib_chip_points(150, DLIB_CHIP_PADDING), parts)
     template = np.asarray(DLIB_RESNET_TEMPLATE)
     return template @ chip_to_image[:, :2].T + chip_to_image[:, 2]
