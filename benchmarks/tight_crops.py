@@ -138,7 +138,9 @@ def variant_paths(name: str, originals: list[Path], args: argparse.Namespace) ->
         boxes = crop_boxes(originals, Path(args.out) / "boxes.json", args.margin)
         for i in missing:
             paths[i].parent.mkdir(parents=True, exist_ok=True)
-            make_variant(read_image(originals[i]), boxes[i], spec, i).save(paths[i])
+            partial = paths[i].with_suffix(".part")  # a reader never sees half a file
+            make_variant(read_image(originals[i]), boxes[i], spec, i).save(partial, "PNG")
+            partial.replace(paths[i])
     return paths
 
 

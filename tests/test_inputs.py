@@ -310,14 +310,18 @@ def test_routes_reach_cli_npz_and_verify(
 
 
 def test_gallery_finds_a_thumbnail_and_records_its_route(
-    model: object, photos: list[np.ndarray]
+    model: object, photos: list[np.ndarray], tmp_path: Path
 ) -> None:
     """Before: a 32-px face crop had no face for the gallery (no_face='error' refused it)."""
-    from facelab.gallery import find_faces
+    from facelab.gallery import enroll, find_faces
 
-    faces = find_faces(model, [photos[0], tight_crops(photos[:1], 32)[0]])
+    images = [photos[0], tight_crops(photos[:1], 32)[0]]
+    faces = find_faces(model, images)
     assert [f.route for f in faces] == ["detected", "upsampled"]
     assert float(faces[0].embedding @ faces[1].embedding) > 0.93
+    report = enroll(tmp_path / "g.db", model, "Tony Blair", images, progress=False)
+    assert report.enrolled == {"Tony Blair": 2}
+    assert report.routes == {"detected": 1, "upsampled": 1}
 
 
 def test_server_replies_carry_the_route(tmp_path: Path) -> None:

@@ -31,9 +31,10 @@ import hashlib
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +206,7 @@ class EnrollReport:
     gallery: str
     enrolled: dict[str, int]  # identity -> faces stored by this enrollment
     skipped: list[str]  # images left out because no face was found (no_face="skip")
+    routes: dict[str, int] = field(default_factory=dict)  # faces stored, by how each was found
 
 
 def enroll_people(
@@ -253,7 +255,9 @@ def enroll_people(
         used = {f.item for f in faces}
         skipped = [str(item) for i, item in enumerate(items) if i not in used]
         log.info("%s: enrolled %d identities (%d faces)", store.path, len(by_name), len(faces))
-        return EnrollReport(store.path, {n: len(v) for n, v in by_name.items()}, skipped)
+        stored = [f.route for f in faces if owners[f.item] in by_name]
+        enrolled = {n: len(v) for n, v in by_name.items()}
+        return EnrollReport(store.path, enrolled, skipped, dict(Counter(stored)))
 
 
 def enroll(
