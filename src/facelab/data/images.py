@@ -95,17 +95,11 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def _downscaled(img: Image.Image, max_side: int) -> Image.Image:
-    """The image with its longer side at most `max_side`: JPEGs decode at a reduced DCT scale
-    (`draft`), then Pillow reduces by whole factors before the final resampling (`thumbnail`)."""
-    if max(img.size) <= max_side:
-        return img
-    target = (
-        max(1, img.width * max_side // max(img.size)),
-        max(1, img.height * max_side // max(img.size)),
-    )
-    if img.format == "JPEG":
-        img.draft(img.mode, target)
-    img.thumbnail((max_side, max_side), Image.LANCZOS, reducing_gap=2.0)
+    """The image with its longer side at most `max_side`. Pillow's `thumbnail` has a JPEG
+    decoded at a reduced DCT scale (`draft`), never at full size, and reduces any image by
+    whole factors (`reduce`) before the final resampling."""
+    if max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.LANCZOS, reducing_gap=2.0)
     return img
 
 
