@@ -335,3 +335,33 @@ def test_server_replies_carry_the_route(tmp_path: Path) -> None:
         reply = client.post("/v1/embed", files=[upload("image", png(0))], headers=READ)
     assert reply.status_code == 200, reply.text
     assert [f["route"] for f in reply.json()["faces"]] == ["centre_crop"]
+
+
+class SeesOnlyLarge:
+    """MTCNN that finds nothing in images under `side` pixels: forces the later routes."""
+
+    def __init__(self, side: int) -> None:
+        self.side, self.mtcnn = side, DETECTORS.create("mtcnn")
+
+    def detect(self, images: list[np.ndarray]) -> list[object]:
+        found = self.mtcnn.detect(images)
+        empty = self.mtcnn.detect([np.zeros((16, 16, 3), np.uint8)])[0]
+        pairs = zip(images, found, strict=True)
+        return [d if min(im.shape[:2]) >= self.side else empty for im, d in pairs]
+
+
+@pytest.mark.parametrize(("side", "route"), [(200, "padded"), (10_000, "whole_frame")])
+def test_later_routes_align_the_face(
+    model: object,
+    photos: list[np.ndarray],
+    photo_embeddings: np.ndarray,
+    side: int,
+    route: str,
+) -> None:
+    """Faces found in the padded view are mapped back to the crop's pixels, and dlib's shape
+    model on the whole frame aligns a crop the detector cannot see."""
+    crops = tight_crops(photos, 112)
+    result = embed_images(model, crops, detector=SeesOnlyLarge(side), progress=False)
+    assert set(result.routes) == {route}
+    cosines = (result.embeddings * photo_embeddings).sum(axis=1)
+    assert cosines.min() > 0.95, f"{route}: {np.round(cosines, 3)}"
