@@ -365,3 +365,29 @@ def test_later_routes_align_the_face(
     assert set(result.routes) == {route}
     cosines = (result.embeddings * photo_embeddings).sum(axis=1)
     assert cosines.min() > 0.95, f"{route}: {np.round(cosines, 3)}"
+
+
+def test_data_check_lists_a_fifo_without_hanging(tmp_path: Path) -> None:
+    from facelab.data.check import check_dataset
+
+    person = tmp_path / "data" / "Ada"
+    person.mkdir(parents=True)
+    Image.fromarray(colourful()).save(person / "Ada_0001.png")
+    os.mkfifo(person / "Ada_0002.jpg")
+    outcome: dict[str, object] = {}
+    worker = threading.Thread(
+        target=lambda: outcome.update(check=check_dataset({"all": tmp_path / "data"})),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(20)
+    try:
+        assert not worker.is_alive(), "data check blocked on the FIFO"
+    finally:
+        try:  # unblock a reader stuck in open() (the bug)
+            os.close(os.open(person / "Ada_0002.jpg", os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    unreadable = dict(outcome["check"].unreadable)
+    assert list(unreadable) == [str(person / "Ada_0002.jpg")]
+    assert "not a regular file" in unreadable[str(person / "Ada_0002.jpg")]
