@@ -24,8 +24,9 @@ Metrics from facelab.eval.metrics: AUC, EER, TPR at FPR 1e-3 (500 impostor pairs
 threshold sits at the highest impostor score or so). dlib descriptors are cached per variant
 in runs/tight_crops/<variant>/dlib.npz; facelab's are recomputed. dlib (HOG with upsampling,
 ResNet one face at a time) costs several times facelab's time, so by default it runs on 300
-of the 1,000 pairs (spread over the list): each variant gets facelab's row on all pairs, and
-facelab's and dlib's rows on those 300 (`--dlib-pairs`).
+of the 1,000 pairs (spread over the list): each variant gets facelab's and dlib's rows on
+those 300 (`--dlib-pairs`), and the `--all-pairs` variants (default: uncropped, tight112)
+facelab's row on all 1,000 too.
 
     python benchmarks/tight_crops.py [--variants uncropped tight112 ...] [--dlib-pairs 300]
         [--model dlib_resnet]
@@ -184,10 +185,12 @@ def counts_note(labels: list[str]) -> str:
 def measure(name: str, trials: list[Trial], args: argparse.Namespace) -> list[dict]:
     """Rows of one variant: facelab on every pair, and facelab beside dlib on the
     `--dlib-pairs` subset (the same images for both)."""
+    subset = spread(trials, args.dlib_pairs)
+    if name not in args.all_pairs:
+        trials = subset
     originals, index = trial_index(trials)
     paths = variant_paths(name, originals, args)
     rows = []
-    subset = spread(trials, args.dlib_pairs)
     if "facelab" in args.pipelines:
         tick = time.perf_counter()
         model = load_model(args.model).for_inference()
@@ -214,6 +217,13 @@ def measure(name: str, trials: list[Trial], args: argparse.Namespace) -> list[di
     return rows
 
 
+def logged(rows: list[dict]) -> list[dict]:
+    """The rows, each also logged as it is measured (a long run shows its results early)."""
+    for r in rows:
+        logging.info("%s", json.dumps(r))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", default=str(SHARED / "data/lfw/pairsDevTest.txt"))
@@ -229,6 +239,12 @@ def main() -> None:
     parser.add_argument(
         "--pipelines", nargs="+", choices=("facelab", "dlib"), default=["facelab", "dlib"]
     )
+    parser.add_argument(
+        "--all-pairs",
+        nargs="*",
+        default=["uncropped", "tight112"],
+        help="variants facelab also scores on all pairs (the others: on the --dlib-pairs only)",
+    )
     parser.add_argument("--out", default="runs/tight_crops")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -236,7 +252,7 @@ def main() -> None:
     torch.set_num_threads(2)
 
     trials = read_trials(args.pairs)
-    rows = [r for name in args.variants for r in measure(name, trials, args)]
+    rows = [r for name in args.variants for r in logged(measure(name, trials, args))]
     result = {"pairs_file": args.pairs, "margin": args.margin, "rows": rows}
     stamp = "_".join(args.pipelines)
     text = json.dumps(result, indent=2) + "\n"
