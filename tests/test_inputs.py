@@ -307,6 +307,13 @@ def test_routes_reach_cli_npz_and_verify(
     reply = json.loads(capsys.readouterr().out)
     assert reply["routes"] == ["detected", "upsampled"]
     assert reply["score"] > 0.9
+    det = DETECTORS.create("mtcnn").detect(photos[:1])[0]
+    landmarks = det.landmarks[main_face(det, photos[0].shape)]
+    aligned = warp_to_template(photos[0], landmarks, np.asarray(ARCFACE_TEMPLATE_112), 112)
+    Image.fromarray(aligned).save(tmp_path / "aligned.png")
+    main(["verify", "dlib_resnet", *[str(tmp_path / "aligned.png")] * 2, "--input", "aligned"])
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["routes"] == ["aligned", "aligned"] and reply["score"] > 0.999
 
 
 def test_gallery_finds_a_thumbnail_and_records_its_route(
