@@ -202,11 +202,17 @@ def test_tiny_arrays_are_refused_with_their_name(model: object, shape: tuple[int
         api.embed(model, [np.zeros((64, 64, 3), np.uint8), np.zeros(shape, np.uint8)])
 
 
-def test_tiny_files_are_refused_with_their_name(tmp_path: Path) -> None:
+def test_tiny_files_are_refused_with_their_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from facelab.cli import main
+
     path = tmp_path / "dot.png"
     Image.new("RGB", (1, 1)).save(path)
     with pytest.raises(ImageError, match=r"dot\.png.*1x1.*too small"):
         read_image(path)
+    assert main(["verify", "dlib_resnet", str(path), str(path)]) == 2  # before: 0, a score
+    assert any("dot.png" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
 
 
 # -- tight crops, thumbnails, aligned crops ---------------------------------------------------
