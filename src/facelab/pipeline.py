@@ -218,6 +218,24 @@ def locate_faces(
     return found
 
 
+def fills_frame(box: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether a detector box (x1, y1, x2, y2) is at least as large as the image: the frame
+    cuts the face, as in a tight crop."""
+    return max(box[2] - box[0], box[3] - box[1]) >= max(shape[:2])
+
+
+def detected_points(
+    spec: Preprocess, image: np.ndarray, located: Located, index: int
+) -> tuple[str, np.ndarray]:
+    """(route, alignment points) of detected face `index`. A face that fills the frame is
+    aligned on dlib's shape model run on the whole frame (dlib's convention for crops): a
+    detector trained on photos places points worse on a face the frame cuts (measured in
+    docs/inputs.md)."""
+    if fills_frame(located.detections.boxes[index], image.shape):
+        return WHOLE_FRAME, alignment_points(spec, image, whole_frame_landmarks(image))
+    return located.route, alignment_points(spec, image, located.detections.landmarks[index])
+
+
 def face_points(
     spec: Preprocess, image: np.ndarray, located: Located, no_face: str, name: str
 ) -> tuple[str, np.ndarray]:
@@ -225,7 +243,7 @@ def face_points(
     nothing was found: dlib's shape model on the whole frame, or LFW's centre geometry."""
     index = main_face(located.detections, image.shape)
     if index is not None:
-        return located.route, alignment_points(spec, image, located.detections.landmarks[index])
+        return detected_points(spec, image, located, index)
     if no_face == "centre":
         log.warning("%s: no face found, assumed centred (route %s)", name, CENTRE_FALLBACK)
         return CENTRE_FALLBACK, alignment_points(spec, image, None)

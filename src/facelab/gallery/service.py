@@ -70,7 +70,7 @@ from facelab.pipeline import (
     CENTRE_CROP,
     DETECTED,
     ImageLike,
-    alignment_points,
+    detected_points,
     face_points,
     locate_faces,
 )
@@ -156,8 +156,8 @@ def find_faces(
                     order = order[:1]
                 for number, j in enumerate(order):
                     box = tuple(float(v) for v in det.boxes[j])
-                    points = alignment_points(spec, image, det.landmarks[j])
-                    chosen.append((i, number, box, points, found.route))
+                    route, points = detected_points(spec, image, found, j)
+                    chosen.append((i, number, box, points, route))
         if chosen:
             embeddings = model.embed_faces(
                 [images[c[0]] for c in chosen], [c[3] for c in chosen], batch_size=batch_size
