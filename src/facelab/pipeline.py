@@ -9,7 +9,9 @@ Users bring photos, but also tight crops (the face fills the frame), thumbnails 
 grey faces, on which a detector trained on photos often finds nothing. `locate_faces` then
 tries, in order (the order measured best by benchmarks/tight_crops.py, see docs/inputs.md):
 the image upsampled if it is small, the image padded so the face has context around it, and
-at last dlib's 5-point shape model on the whole frame, as dlib does with crops. Each
+at last dlib's 5-point shape model on the whole frame, as dlib does with crops; that model
+also places the points of a detected face whose box is as large as the frame (`fills_frame`:
+the frame cuts the face). Each
 embedding records the route that produced it (`ROUTES`); the old assumption of LFW's
 geometry (the centre-crop region holds the face) is only used when asked for
 (`no_face="centre"`) and is logged naming each file.
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 DETECTED = "detected"  # the detector found it in the image as given
 UPSAMPLED = "upsampled"  # ... in the image enlarged (a small image: a thumbnail)
 PADDED = "padded"  # ... in the image padded (and enlarged if small): a tight crop
-WHOLE_FRAME = "whole_frame"  # no detection: dlib's 5-point model on the whole frame
+WHOLE_FRAME = "whole_frame"  # dlib's 5-point model on the whole frame: none found, or it fills it
 ALIGNED = "aligned"  # input="aligned": taken as an aligned crop, nothing detected
 CENTRE_CROP = "centre_crop"  # the model aligns by a centre crop (no detector by design)
 CENTRE_FALLBACK = "centre_fallback"  # no detection, no_face="centre": LFW's geometry assumed
