@@ -344,7 +344,7 @@ def main() -> None:
             f"descriptor cosine {label} vs dlib on the same images: mean "
             f"{cos.mean():.4f}, median {np.median(cos):.4f}, min {cos.min():.4f}; mean over "
             f"the {int(found.sum())} images where dlib's HOG found a face "
-            f"{cos[found].mean():.4f}; no face: facelab {int(out.fallback.sum())}, dlib "
+            f"{cos[found].mean():.4f}; no face: facelab {out.route_counts()}, dlib "
             f"{n - int(found.sum())}"
         )
 

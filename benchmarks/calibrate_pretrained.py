@@ -190,7 +190,7 @@ def calibrate_model(
             "eer": full["eer"],
             "tpr_at_fpr_1e-3": full["tpr_at_fpr_0.001"],
         },
-        "no_face_fallbacks": int(embedded.fallback.sum()),
+        "routes": embedded.route_counts(),
         "images_embedded": len(unique),
         "embed_seconds": round(seconds, 1),
     }
@@ -287,7 +287,7 @@ def main() -> None:
             f"{Path(args.report).name} {args.report_folds}-fold accuracy "
             f"{100 * v2['accuracy']:.2f}% ± "
             f"{100 * (v2['accuracy_std'] or 0):.2f}, AUC {v2['auc']:.4f}, EER {v2['eer']:.4f}, "
-            f"{r['no_face_fallbacks']} no-face fallbacks, {r['images_embedded']} images in "
+            f"routes {r['routes']}, {r['images_embedded']} images in "
             f"{r['embed_seconds']} s"
         )
 

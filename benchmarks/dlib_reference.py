@@ -24,10 +24,11 @@ def model_file(name: str) -> str:
 @dataclass
 class DlibPipeline:
     """Largest HOG face per image; where HOG finds none, the central square of side
-    `fallback_fraction` of the image is handed to the shape model (LFW faces are centred)."""
+    `fallback_fraction` of the image is handed to the shape model (LFW faces are centred), or
+    with `fallback_fraction=None` the whole frame (what dlib users do with tight face crops)."""
 
     upsample: int = 0
-    fallback_fraction: float = 0.42
+    fallback_fraction: float | None = 0.42
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("detect", "landmarks", "descriptor"), 0.0)
     )
@@ -51,6 +52,8 @@ class DlibPipeline:
         if rects:
             return max(rects, key=lambda r: r.area())
         h, w = image.shape[:2]
+        if self.fallback_fraction is None:
+            return self.dlib.rectangle(0, 0, w - 1, h - 1)
         side = min(h, w) * self.fallback_fraction
         left, top = (w - side) / 2, (h - side) / 2
         return self.dlib.rectangle(round(left), round(top), round(left + side), round(top + side))

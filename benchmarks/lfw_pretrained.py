@@ -122,7 +122,7 @@ def main() -> None:
         "pairs": len(trials),
         "images": n,
         "pairs_file": args.pairs,
-        "no_face_fallbacks": {f"facelab {a}": int(o.fallback.sum()) for a, o, _ in runs},
+        "no_face_fallbacks": {f"facelab {a}": o.route_counts() for a, o, _ in runs},
         "rows": rows,
         "threads": torch.get_num_threads(),
     }
@@ -177,7 +177,7 @@ def main() -> None:
             f"| {second:.1f} | {embed_ms:.1f} | {ms['total']:.1f} "
             f"| {speed_ref['total'] / ms['total']:.2f}x |"
         )
-    print("no face found (centre fallback):", result["no_face_fallbacks"])
+    print("facelab routes; dlib: no face found (centre fallback):", result["no_face_fallbacks"])
     for a, c in result.get("descriptor_cosine_facelab_vs_dlib", {}).items():
         print(
             f"descriptor cosine facelab ({a}) vs dlib, same image: mean {c['mean']:.4f}, "

@@ -294,7 +294,7 @@ def test_pipeline_uses_the_detector_the_preprocessing_names(
     model = with_detector(FaceModel.create("mobilefacenet", preprocess=FIVE_POINT), "blazeface")
     image = read_image(lfw / "images" / LFW_SAMPLES[0])
     out = embed_images(model, [image], progress=False)
-    assert built == ["blazeface"] and not out.fallback.any()
+    assert built == ["blazeface"] and list(out.routes) == ["detected"]
     embed_images(model, [image], progress=False, detector="mtcnn")
     assert built == ["blazeface", "mtcnn"]
 

@@ -97,9 +97,14 @@ def load_model(
     return model.to(device) if device else model
 
 
-def embed(model: FaceModel, images: Sequence[ImageLike], flip: bool = False) -> np.ndarray:
-    """L2-normalised embeddings (N, D) of images given as paths or RGB uint8 arrays."""
-    return embed_images(model, images, flip=flip, progress=False).embeddings
+def embed(
+    model: FaceModel, images: Sequence[ImageLike], flip: bool = False, input: str = "photo"
+) -> np.ndarray:
+    """L2-normalised embeddings (N, D) of images given as paths or RGB uint8 arrays.
+
+    input: "photo" (find each face), or "aligned" for crops already aligned like
+    insightface's 112x112 ArcFace crops (`facelab.pipeline.INPUT_MODES`)."""
+    return embed_images(model, images, flip=flip, progress=False, input=input).embeddings
 
 
 def embed_directory(
@@ -110,10 +115,12 @@ def embed_directory(
     fast: bool = True,
     progress: bool = True,
     skip_bad: bool = False,
+    input: str = "photo",
 ) -> Embedded:
-    """Embed every image under `root` (recursively, sorted), its main face, in batches.
+    """Embed every image under `root` (recursively, sorted), its main face, in batches; each
+    row's route (how its face was found) is in `Embedded.routes`.
 
-    fast: run a traced, frozen copy of the model (`FaceModel.for_inference`).
+    fast: run a traced, frozen copy of the model (`FaceModel.for_inference`); input: as `embed`.
     skip_bad: leave unreadable files out (listed in `Embedded.skipped`) instead of stopping
     at the first one with an ImageError naming it.
     """
@@ -125,7 +132,13 @@ def embed_directory(
         raise ValueError(f"{root}: no images found")
     runner = model.for_inference() if fast else model
     result = embed_images(
-        runner, paths, flip=flip, batch_size=batch_size, progress=progress, skip_bad=skip_bad
+        runner,
+        paths,
+        flip=flip,
+        batch_size=batch_size,
+        progress=progress,
+        skip_bad=skip_bad,
+        input=input,
     )
     if not result.paths:
         raise ValueError(f"{root}: none of its {len(paths)} image files is readable")
@@ -133,7 +146,8 @@ def embed_directory(
 
 
 def save_embeddings(result: Embedded, model: FaceModel, out: str | Path) -> Path:
-    """Write paths, embeddings, no-face flags and the model fingerprint to an .npz, atomically."""
+    """Write paths, embeddings, each face's route and the model fingerprint to an .npz,
+    atomically."""
     import io
 
     buffer = io.BytesIO()
@@ -141,7 +155,7 @@ def save_embeddings(result: Embedded, model: FaceModel, out: str | Path) -> Path
         buffer,
         paths=np.array([str(p) for p in result.paths]),
         embeddings=result.embeddings,
-        no_face=result.fallback,
+        routes=result.routes,
         model=np.array(model.name),
         fingerprint=np.array(model.fingerprint()),
     )
@@ -154,6 +168,7 @@ class Verification:
     threshold: float | None
     same: bool | None  # None when no threshold is known
     reason: str  # where the threshold came from, or why there is none
+    routes: tuple[str, str] = ("", "")  # how each image's face was found (pipeline.ROUTES)
 
 
 def verify(
@@ -163,10 +178,12 @@ def verify(
     threshold: float | None = None,
     flip: bool = False,
     far: float | None = None,
+    input: str = "photo",
 ) -> Verification:
     """1:1 comparison of two face images by cosine similarity, decided at the threshold given,
     else at the model's operating point for target FAR `far` (default 1e-3); a model without
-    that operating point gives no decision (same=None) and says so in `reason`."""
+    that operating point gives no decision (same=None) and says so in `reason`. input: as
+    `embed`."""
     from facelab.gallery.service import resolve_threshold
     from facelab.gallery.store import GalleryError
 
@@ -174,12 +191,14 @@ def verify(
         chosen = resolve_threshold(None, threshold, far, model)
     except GalleryError as exc:
         chosen, reason = None, str(exc)
-    emb = embed(model, [a, b], flip=flip)
+    result = embed_images(model, [a, b], flip=flip, progress=False, input=input)
+    emb = result.embeddings
     score = float(emb[0] @ emb[1])
+    routes = tuple(result.routes.tolist())
     if chosen is None:
         log.warning("%s", reason)
-        return Verification(score, None, None, reason)
-    return Verification(score, chosen.value, score >= chosen.value, chosen.describe())
+        return Verification(score, None, None, reason, routes)
+    return Verification(score, chosen.value, score >= chosen.value, chosen.describe(), routes)
 
 
 def list_models() -> list[ModelSummary]:
@@ -190,12 +209,16 @@ def list_models() -> list[ModelSummary]:
 
 
 def score_trials(
-    model: FaceModel, trials: Sequence[Trial], flip: bool = False, batch_size: int = 64
+    model: FaceModel,
+    trials: Sequence[Trial],
+    flip: bool = False,
+    batch_size: int = 64,
+    input: str = "photo",
 ) -> np.ndarray:
-    """Cosine score of every trial, embedding each unique image once."""
+    """Cosine score of every trial, embedding each unique image once; input: as `embed`."""
     unique = sorted({p for t in trials for p in (t.a, t.b)})
     index = {p: i for i, p in enumerate(unique)}
-    emb = embed_images(model, unique, flip=flip, batch_size=batch_size).embeddings
+    emb = embed_images(model, unique, flip=flip, batch_size=batch_size, input=input).embeddings
     a = np.fromiter((index[t.a] for t in trials), dtype=np.int64, count=len(trials))
     b = np.fromiter((index[t.b] for t in trials), dtype=np.int64, count=len(trials))
     return np.einsum("ij,ij->i", emb[a], emb[b])
@@ -208,6 +231,7 @@ def evaluate(
     flip: bool = False,
     out_dir: str | Path | None = None,
     batch_size: int = 64,
+    input: str = "photo",
 ) -> dict[str, Any]:
     """Verification metrics of a labelled trial list (10-fold accuracy when it has folds), and
     where the model's operating points fall on it (FAR/FRR at each; a model without any gets
@@ -217,7 +241,7 @@ def evaluate(
     trials = read_trials(trials_path, images_root)
     if any(t.label is None for t in trials):
         raise ValueError(f"{trials_path}: evaluation needs a label on every trial")
-    scores = score_trials(model, trials, flip=flip, batch_size=batch_size)
+    scores = score_trials(model, trials, flip=flip, batch_size=batch_size, input=input)
     labels = np.array([t.label for t in trials])
     folds = np.array([t.fold for t in trials]) if trials[0].fold is not None else None
     report = verification_report(scores, labels, folds)

@@ -26,6 +26,7 @@ from facelab.models.checkpoint import (
     model_from_checkpoint,
     save_model_checkpoint,
 )
+from facelab.pipeline import INPUT_MODES
 from facelab.runtime import set_threads
 from facelab.submission import ID_STYLES, SCORE_CHUNK, parse_columns
 from facelab.train.config import yaml_problem
@@ -120,7 +121,9 @@ def _eval(args: argparse.Namespace) -> None:
     if args.out:
         check_writable_folder(args.out)
     model = _load_model(args, args.model)
-    report = api.evaluate(model, args.trials, args.images_root, flip=args.flip, out_dir=args.out)
+    report = api.evaluate(
+        model, args.trials, args.images_root, flip=args.flip, out_dir=args.out, input=args.input
+    )
     print(json.dumps(report, indent=2))
 
 
@@ -180,6 +183,7 @@ def _embed(args: argparse.Namespace) -> None:
         flip=args.flip,
         fast=not args.eager,
         skip_bad=args.skip_bad,
+        input=args.input,
     )
     api.save_embeddings(result, model, args.out)
     n = len(result.paths)
@@ -189,7 +193,7 @@ def _embed(args: argparse.Namespace) -> None:
             {
                 "out": args.out,
                 "images": n,
-                "no_face": int(result.fallback.sum()),
+                "routes": result.route_counts(),
                 "faces_per_s": round(n / max(total, 1e-9), 1),
                 "ms_per_face": {k: round(1000 * v / n, 2) for k, v in result.seconds.items()},
                 "skipped": [str(p) for p in result.skipped],
@@ -230,7 +234,13 @@ def _verify(args: argparse.Namespace) -> None:
         raise SystemExit("facelab verify: give MODEL A B, or --claim NAME IMAGE")
     model = _load_model(args, args.model)
     result = api.verify(
-        model, args.a, args.b, threshold=args.threshold, flip=args.flip, far=args.far
+        model,
+        args.a,
+        args.b,
+        threshold=args.threshold,
+        flip=args.flip,
+        far=args.far,
+        input=args.input,
     )
     print(json.dumps(asdict(result)))
 
@@ -548,6 +558,16 @@ def _export(args: argparse.Namespace) -> None:
     print(json.dumps(asdict(report)))
 
 
+def _input_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--input",
+        choices=INPUT_MODES,
+        default="photo",
+        help="photo: find each face (default); aligned: images are aligned face crops laid out "
+        "like insightface's 112x112 ArcFace crops (any size), no detection",
+    )
+
+
 def _runtime_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--runtime",
@@ -647,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images-root", help="where relative image paths resolve")
     p.add_argument("--flip", action="store_true", help="add the mirrored face's embedding")
     p.add_argument("--out", help="folder for metrics.json, roc.png, scores.png")
+    _input_option(p)
 
     p = sub.add_parser("embed", help="embed every image of a folder into an .npz")
     p.add_argument("folder")
@@ -661,6 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave unreadable files out (listed under 'skipped') instead of stopping at the first",
     )
     _runtime_option(p)
+    _input_option(p)
 
     p = sub.add_parser(
         "models",
@@ -688,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _threshold_options(p)
     p.add_argument("--flip", action="store_true")
+    _input_option(p)
 
     p = sub.add_parser(
         "enroll",

@@ -16,7 +16,7 @@ from statistics import median
 from typing import Any
 
 from facelab.data.folders import IMAGE_SUFFIXES
-from facelab.data.images import ImageError, decode_image
+from facelab.data.images import ImageError, decode_image, read_image_bytes
 
 FLAT = ""  # identity of images lying directly in a split's folder (unlabelled test sets)
 
@@ -92,7 +92,7 @@ def _walk(root: Path) -> list[Path]:
 def _inspect(path: Path) -> tuple[str | None, str | None]:
     """(sha256 of the bytes, None) for a readable image, (None, reason) otherwise."""
     try:
-        data = path.read_bytes()
+        data = read_image_bytes(path)
         decode_image(data, str(path))
     except OSError as exc:
         return None, f"cannot be read ({exc.strerror})"

@@ -9,10 +9,14 @@ Face policy (one place, used by every function here):
 - several faces in an image: the photo's subject is used, the largest face after a penalty for
   distance from the image centre (`face_order`, insightface's rule); `all_faces=True` uses each,
   numbered 0, 1, ... in that order;
-- no face found: ``no_face="error"`` (default for enroll, verify_claim and identify: a clear error
-  naming the file, nothing stored), ``"skip"`` (leave the image out, logged), or ``"centre"``
-  (assume the face fills the centre crop, as in pre-cropped data sets; default for calibrate,
-  map_unknown and eval_identification, whose every image must get a score).
+- no face found, even after the detector's retries on the image enlarged and padded
+  (`facelab.pipeline.locate_faces`): ``no_face="error"`` (default for enroll, verify_claim and
+  identify: a clear error naming the file, nothing stored), ``"skip"`` (leave the image out,
+  logged), ``"whole_frame"`` (the image is a face crop: dlib's 5-point model on the whole
+  frame), or ``"centre"`` (assume the face fills the centre crop, as in pre-cropped data sets;
+  default for calibrate, map_unknown and eval_identification, whose every image must get a
+  score; logged naming the file).
+- each `Face` records its route (`facelab.pipeline.ROUTES`): how it was found.
 
 Decisions never use an unstated threshold: either the caller gives one, or it is read from
 the gallery where `calibrate` stored it with its target FAR and measured FAR/FRR, or, for a
@@ -29,9 +33,10 @@ import hashlib
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from facelab.data.folders import IMAGE_SUFFIXES, IdentityFolder
-from facelab.data.images import read_image
+from facelab.data.images import check_image_array, decode_image, read_image_bytes
 from facelab.data.layout import read_labels
 from facelab.data.trials import read_trials
 from facelab.eval.identification import (
@@ -66,11 +71,19 @@ from facelab.models.detectors.mtcnn import face_order
 from facelab.models.face_model import FaceModel
 from facelab.models.operating_points import DEFAULT_FAR, point_at
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS
-from facelab.pipeline import ImageLike, alignment_points, make_detector
+from facelab.pipeline import (
+    CENTRE_CROP,
+    DETECTED,
+    ImageLike,
+    detected_points,
+    face_points,
+    locate_faces,
+    make_detector,
+)
 
 log = logging.getLogger(__name__)
 
-NO_FACE_POLICIES = ("error", "skip", "centre")
+NO_FACE_POLICIES = ("error", "skip", "whole_frame", "centre")
 MAPPING_COLUMNS = ("image", "identity")  # the header of `facelab map`'s CSV
 GalleryLike = GalleryStore | str | Path
 
@@ -88,14 +101,16 @@ class Face:
     face: int  # 0 = the image's main face (`face_order`), 1 = the next, ...
     box: tuple[float, float, float, float] | None  # None: the centre crop taken as the face
     embedding: np.ndarray
+    route: str = DETECTED  # how the face was found (facelab.pipeline.ROUTES)
 
 
 def _load(item: ImageLike, index: int) -> tuple[str, str, np.ndarray]:
     """(name, content sha256, RGB image); a missing or corrupt file raises ImageError."""
     if isinstance(item, np.ndarray):
-        return f"<array {index}>", hashlib.sha256(item.tobytes()).hexdigest(), item
-    image = read_image(item)
-    return str(item), hashlib.sha256(Path(item).read_bytes()).hexdigest(), image
+        image = check_image_array(item, f"<array {index}>")
+        return f"<array {index}>", hashlib.sha256(image.tobytes()).hexdigest(), image
+    data = read_image_bytes(item)
+    return str(item), hashlib.sha256(data).hexdigest(), decode_image(data, str(item))
 
 
 def find_faces(
@@ -122,22 +137,24 @@ def find_faces(
             _load(item, start + i) for i, item in enumerate(items[start : start + batch_size])
         ]
         images = [image for _, _, image in loaded]
-        detections = aligner.detect(images) if aligner is not None else [None] * len(images)
-        chosen = []  # (item, face number, box, landmarks)
-        for i, ((name, _, image), det) in enumerate(zip(loaded, detections, strict=True)):
-            if det is None:
-                chosen.append((i, 0, None, None))
-            elif len(det.boxes) == 0:
+        located = locate_faces(aligner, images) if aligner is not None else [None] * len(images)
+        chosen = []  # (item, face number, box, landmarks, route)
+        for i, ((name, _, image), found) in enumerate(zip(loaded, located, strict=True)):
+            if found is None:
+                chosen.append((i, 0, None, None, CENTRE_CROP))
+            elif len(found.detections) == 0:
                 if no_face == "error":
                     raise GalleryError(
                         f"{name}: no face found (use no_face='skip' to leave such images out, "
-                        f"or 'centre' to assume a centred face)"
+                        f"'whole_frame' for a face crop, or 'centre' to assume a centred face)"
                     )
                 if no_face == "skip":
                     log.warning("%s: no face found, skipped", name)
                     continue
-                chosen.append((i, 0, None, alignment_points(spec, image, None)))
+                route, points = face_points(spec, image, found, no_face, name)
+                chosen.append((i, 0, None, points, route))
             else:
+                det = found.detections
                 order = face_order(det, image.shape)
                 if not all_faces:
                     if len(order) > 1:
@@ -145,14 +162,15 @@ def find_faces(
                     order = order[:1]
                 for number, j in enumerate(order):
                     box = tuple(float(v) for v in det.boxes[j])
-                    chosen.append((i, number, box, alignment_points(spec, image, det.landmarks[j])))
+                    route, points = detected_points(spec, image, found, j)
+                    chosen.append((i, number, box, points, route))
         if chosen:
             embeddings = model.embed_faces(
-                [images[i] for i, *_ in chosen], [m for *_, m in chosen], batch_size=batch_size
+                [images[c[0]] for c in chosen], [c[3] for c in chosen], batch_size=batch_size
             )
-            for (i, number, box, _), emb in zip(chosen, embeddings, strict=True):
+            for (i, number, box, _, route), emb in zip(chosen, embeddings, strict=True):
                 name, sha, _ = loaded[i]
-                faces.append(Face(start + i, name, sha, number, box, emb))
+                faces.append(Face(start + i, name, sha, number, box, emb, route))
         bar.update(len(loaded))
     bar.close()
     return faces
@@ -194,6 +212,7 @@ class EnrollReport:
     gallery: str
     enrolled: dict[str, int]  # identity -> faces stored by this enrollment
     skipped: list[str]  # images left out because no face was found (no_face="skip")
+    routes: dict[str, int] = field(default_factory=dict)  # faces stored, by how each was found
 
 
 def enroll_people(
@@ -236,7 +255,9 @@ def enroll_people(
         with _opened(gallery, create=True) as store:  # add() checks model and names again
             store.add(by_name, info, append=append)
     log.info("%s: enrolled %d identities (%d faces)", path, len(by_name), len(faces))
-    return EnrollReport(path, {n: len(v) for n, v in by_name.items()}, skipped)
+    stored = [f.route for f in faces if owners[f.item] in by_name]
+    enrolled = {n: len(v) for n, v in by_name.items()}
+    return EnrollReport(path, enrolled, skipped, dict(Counter(stored)))
 
 
 def _check_enrollable(store: GalleryStore, info: ModelInfo, names: set[str], append: bool) -> None:
@@ -395,6 +416,7 @@ class Identification:
     score: float  # the best candidate's score
     candidates: list[Match]
     threshold: Threshold
+    route: str = DETECTED  # how the face was found (facelab.pipeline.ROUTES)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -433,7 +455,9 @@ def identify(
             best = matches[0]
             identity = best.identity if best.score >= chosen.value else UNKNOWN
             out.append(
-                Identification(f.image, f.face, f.box, identity, best.score, matches, chosen)
+                Identification(
+                    f.image, f.face, f.box, identity, best.score, matches, chosen, f.route
+                )
             )
         return out
 

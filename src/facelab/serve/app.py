@@ -52,12 +52,12 @@ from facelab.gallery import (
 )
 from facelab.gallery.postgres import GalleryUnavailable, is_postgres_address
 from facelab.gallery.replica import GalleryReplica
-from facelab.gallery.service import resolve_threshold
+from facelab.gallery.service import Face, Identification, resolve_threshold
 from facelab.gallery.store import GalleryBusy, GalleryConflict
 from facelab.models.export import OnnxFaceModel
 from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS
-from facelab.pipeline import make_detector
+from facelab.pipeline import ROUTES, make_detector
 from facelab.serve import kept
 from facelab.serve.batching import BatchedDetector, BatchedFaceModel
 from facelab.serve.inputs import ApiError, BodySpec, ImageField, Upload
@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 # Identity names: letters, digits, space, _ . ' - ; starting and ending with a letter, digit or
 # one of _ . ' (so never "", ".", "..", a path separator or surrounding blanks).
 NAME_PATTERN = r"^\w(?:[\w .'-]{0,98}[\w.'-])?$"
-NoFace = Literal["error", "skip", "centre"]
+NoFace = Literal["error", "skip", "whole_frame", "centre"]
 Similarity = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
 Far = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
@@ -204,6 +204,7 @@ class FaceOut(BaseModel):
     image: str = Field(description="the image field the face was found in")
     face: int = Field(description="0 = the main face of the image (large and central)")
     box: Box | None = Field(description="null: the centre crop was taken as the face")
+    route: str = Field(description=f"how the face was found, one of {', '.join(ROUTES)}")
 
 
 class EmbeddedFace(FaceOut):
@@ -308,8 +309,16 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 # -- the application ----------------------------------------------------------------------------
 
 
-def _face_out(field: str, face: int, box: tuple[float, ...] | None) -> dict[str, Any]:
-    return {"image": field, "face": face, "box": list(box) if box is not None else None}
+def _face_out(
+    field: str, face: Face | Identification, box: tuple[float, ...] | None
+) -> dict[str, Any]:
+    """A face of a reply: `box` in the uploaded image's pixels (the detector saw it reduced)."""
+    return {
+        "image": field,
+        "face": face.face,
+        "box": list(box) if box is not None else None,
+        "route": face.route,
+    }
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -583,7 +592,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
                 fingerprint=info.fingerprint,
                 faces=[
                     EmbeddedFace(
-                        **_face_out("image", f.face, images[f.item].original_box(f.box)),
+                        **_face_out("image", f, images[f.item].original_box(f.box)),
                         embedding=f.embedding.tolist(),
                     )
                     for f in faces
@@ -634,9 +643,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             no_threshold=no_threshold,
             identity=None,
             faces=[
-                FaceOut(
-                    **_face_out(uploads[f.item].field, f.face, images[f.item].original_box(f.box))
-                )
+                FaceOut(**_face_out(uploads[f.item].field, f, images[f.item].original_box(f.box)))
                 for f in faces
             ],
         )
@@ -693,7 +700,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             return IdentifyOut(
                 faces=[
                     IdentifiedFace(
-                        **_face_out("image", r.face, images[0].original_box(r.box)),
+                        **_face_out("image", r, images[0].original_box(r.box)),
                         identity=r.identity,
                         score=r.score,
                         candidates=[

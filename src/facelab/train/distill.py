@@ -115,7 +115,7 @@ def cached_embeddings(
                 fh,
                 embeddings=embeddings,
                 paths=np.array([str(p) for p in paths]),
-                fallback=result.fallback,
+                routes=result.routes,
                 fingerprint=np.array(model.fingerprint()),
             ),
         )
