@@ -23,7 +23,7 @@ from facelab.fileio import atomic_write_text
 from facelab.models.checkpoint import save_checkpoint
 from facelab.models.face_model import FaceModel
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def tiny_model() -> FaceModel:
