@@ -82,7 +82,7 @@ CREATE TABLE lib_actions (
 """
 
 
-class LibraryError(ValueError):
+class LibraryError(GalleryError):
     """A library operation was refused; the message names the library file and what."""
 
 
@@ -211,6 +211,10 @@ class Library:
             )
             if source is not None:
                 db.execute("INSERT OR IGNORE INTO lib_meta VALUES ('model_source', ?)", (source,))
+        if source is not None:
+            self.gallery.set_model_source(
+                source
+            )  # so `facelab calibrate --gallery` needs no --model
 
     def _dim(self) -> int:
         model = self.model()
