@@ -6,7 +6,8 @@ Rules that make names survive re-indexing and re-clustering:
 - a face placed by hand (move, split) is pinned: `cluster` leaves it where it is;
 - every other face is free: `cluster` first gives a free face to the person (named, or holding
   faces placed by hand) whose fixed faces it matches best, if that score reaches the operating
-  point (the 1:1 threshold) and the face's quality reaches `min_quality`; the remaining free faces are clustered afresh
+  point (the 1:1 threshold) and the face's quality reaches `min_quality`; the remaining free
+  faces are clustered afresh
   (`collections.cluster`), clusters of two or more faces become unnamed people, single faces
   and low-quality ones stay unassigned.
 
