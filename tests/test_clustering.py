@@ -71,3 +71,56 @@ def test_metrics_reject_bad_input():
         bcubed_prf([], [])
     with pytest.raises(ValueError, match="1-D"):
         bcubed_prf([[1]], [[1]])
+
+
+# -- the clustering algorithm -------------------------------------------------------------------
+
+
+def _same_partition(a, b) -> bool:
+    pairs = {(x, y) for x, y in zip(a, b, strict=True)}
+    return len(pairs) == len(set(a)) == len(set(b))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_full_graph_with_fixed_threshold_is_average_linkage(seed):
+    """With every pair a candidate and no size allowance, reciprocal-pair rounds give exactly
+    scikit-learn's average-linkage clustering cut at the same cosine; star rounds nearly."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    from facelab.collections.cluster import ClusterConfig, cluster_embeddings
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((12, 16))
+    x = centres[rng.integers(0, 12, 150)] + 0.5 * rng.standard_normal((150, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    threshold = 0.6
+    config = ClusterConfig(threshold=threshold, floor=threshold, k=149, stars=False)
+    ours = cluster_embeddings(x, config)
+    theirs = AgglomerativeClustering(
+        n_clusters=None, metric="cosine", linkage="average", distance_threshold=1 - threshold
+    ).fit_predict(x)
+    assert len(set(ours)) > 5
+    assert _same_partition(ours.tolist(), theirs.tolist())
+    stars = cluster_embeddings(x, ClusterConfig(threshold=threshold, floor=threshold, k=149))
+    assert pairwise_prf(stars, theirs).f > 0.98
+
+
+def test_size_allowance_merges_large_clusters_not_single_faces():
+    from facelab.collections.cluster import ClusterConfig, threshold_for_mean
+
+    config = ClusterConfig(threshold=0.9, margin=0.1)
+    assert config.lowest == pytest.approx(0.8)
+    assert threshold_for_mean(0.9, 0.8, np.array([1, 4, 100])) == pytest.approx([0.9, 0.85, 0.81])
+
+
+def test_quality_gate_and_bad_input():
+    from facelab.collections.cluster import UNCLUSTERED, ClusterConfig, cluster_embeddings
+
+    x = np.tile(np.eye(4, dtype=np.float32)[:1], (5, 1))
+    labels = cluster_embeddings(x, ClusterConfig(0.9, min_quality=0.5), np.array([1, 1, 0, 1, 0]))
+    assert labels.tolist()[2] == labels.tolist()[4] == UNCLUSTERED
+    assert len({labels[0], labels[1], labels[3]}) == 1
+    with pytest.raises(ValueError, match="threshold"):
+        ClusterConfig(threshold=2.0)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        cluster_embeddings(np.zeros(3), ClusterConfig(0.5))
