@@ -4,6 +4,7 @@ survive re-clustering, search, and real multi-face indexing on composed LFW grou
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -387,3 +388,46 @@ def test_index_is_resumable_after_a_kill(tmp_path, lfw, model, single_torch_thre
         report = indexer.index_folder(lib, model, photos, config, progress=False)
         assert (report.indexed, report.unchanged) == (2, 1)
         assert lib.stats() == {**lib.stats(), "files": 3, "faces": 3}
+
+
+def test_cli_index_cluster_name_search(tmp_path, lfw, single_torch_thread, capsys, caplog):
+    """The commands end to end on 5 LFW photos of two people, with a given threshold."""
+    import json
+
+    from facelab.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, numbers in (("Colin_Powell", (1, 2, 3)), ("Serena_Williams", (1, 2))):
+        for n in numbers:
+            src = lfw / "images" / name / f"{name}_{n:04d}.jpg"
+            (photos / src.name).write_bytes(src.read_bytes())
+    lib = str(tmp_path / "lib.db")
+
+    def run(*argv: str):
+        assert main(list(argv)) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert run("index", str(photos), "--library", lib)["faces"] == 5
+    assert main(["cluster", "--library", lib]) == 2  # no threshold calibrated, none given
+    assert "no calibrated threshold" in caplog.text
+    report = run("cluster", "--library", lib, "--threshold", "0.93")
+    assert (report["clusters"], report["clustered_faces"]) == (2, 5)
+    listed = run("people", "--library", lib, "list", "--thumbnails", str(tmp_path / "thumbs"))
+    sizes = {p["id"]: p["faces"] for p in listed["people"]}
+    assert sorted(sizes.values()) == [2, 3]
+    powell = max(sizes, key=sizes.get)
+    assert (tmp_path / "thumbs" / f"{powell}.jpg").read_bytes()[:2] == b"\xff\xd8"
+    assert main(["people", "--library", lib, "name", str(powell), "Colin Powell"]) == 0
+    capsys.readouterr()
+    hits = run("search", "--library", lib, "--person", "Colin Powell")
+    assert sorted(Path(h["path"]).name for h in hits) == [
+        f"Colin_Powell_{n:04d}.jpg" for n in (1, 2, 3)
+    ]
+    probe = lfw / "images" / "Colin_Powell" / "Colin_Powell_0004.jpg"
+    hits = run("search", "--library", lib, "--face", str(probe), "--threshold", "0.93")
+    assert {Path(h["path"]).name for h in hits} == {f"Colin_Powell_{n:04d}.jpg" for n in (1, 2, 3)}
+    assert all(len(h["faces"][0]["box"]) == 4 for h in hits)
+    assert run("people", "--library", lib, "undo")["undone"].startswith("name person")
+    assert main(["people", "--library", lib, "name", "999", "X"]) == 2
+    assert "no person '999'" in caplog.text
