@@ -26,15 +26,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from facelab.gallery.store import GalleryError, GalleryStore, ModelInfo
+from facelab.gallery.store import GalleryError, GalleryStore, ModelInfo, write_transaction
 
 SCHEMA_VERSION = 1
 
@@ -139,10 +139,7 @@ class Library:
             self.gallery = GalleryStore(self.path, create=create, timeout=timeout)
         except GalleryError as exc:
             raise LibraryError(str(exc).replace("gallery file", "library file")) from exc
-        self._conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-        self._conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        self._conn.execute("PRAGMA synchronous = FULL")
+        self._conn = self.gallery.connection
         try:
             self._open_schema()
         except (sqlite3.DatabaseError, LibraryError):
@@ -166,19 +163,11 @@ class Library:
 
     # -- transactions ---------------------------------------------------------------------------
 
-    @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def write(self) -> AbstractContextManager[sqlite3.Connection]:
         """One write transaction: all of it is committed, or (on any error or a kill) none."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+        return write_transaction(self._conn)
 
     def close(self) -> None:
-        self._conn.close()
         self.gallery.close()
 
     def __enter__(self) -> Library:

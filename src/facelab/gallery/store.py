@@ -31,7 +31,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,18 @@ CREATE TABLE thresholds (
     created REAL NOT NULL
 );
 """
+
+
+@contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction: all of it is committed, or (on any error or a kill) none."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class GalleryError(ValueError):
@@ -222,16 +234,13 @@ class GalleryStore:
 
     # -- transactions -------------------------------------------------------------------------
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: all of it is committed, or (on any error or a kill) none."""
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._conn)
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The open connection, for tables layered on the same file (a photo library's)."""
+        return self._conn
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
