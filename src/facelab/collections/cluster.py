@@ -45,12 +45,13 @@ class ClusterConfig:
 
     threshold: float
     floor: float | None = None
-    margin: float = 0.05
+    margin: float = 0.03
     k: int = 20
     index: str = "auto"
     exact_max: int = 200_000
     min_quality: float = 0.0
     stars: bool = True
+    evidence: str = "harmonic"
     max_rounds: int = 1000
 
     def __post_init__(self) -> None:
@@ -157,7 +158,7 @@ def _stars(
     grown = sums[root] + before
     grown_n = sizes[root] + before_n
     grown_link = np.einsum("ij,ij->i", grown, sums[child]) / (grown_n * sizes[child])
-    needed = threshold_for_mean(config.threshold, config.lowest, np.minimum(grown_n, sizes[child]))
+    needed = threshold_for_mean(config.threshold, config.lowest, _evidence(grown_n, sizes[child], config))
     failed = (grown_link < needed).astype(np.int64)
     failed_cum = np.cumsum(failed)
     failed_before = failed_cum - failed - np.where(group_start > 0, failed_cum[offset], 0)
@@ -185,7 +186,7 @@ def merge_rounds(
         pair = np.unique(a * c + b)
         a, b = pair // c, pair % c
         link = _links(sums, sizes, a, b)
-        needed = threshold_for_mean(config.threshold, config.lowest, np.minimum(sizes[a], sizes[b]))
+        needed = threshold_for_mean(config.threshold, config.lowest, _evidence(sizes[a], sizes[b], config))
         ok = link >= needed
         a, b, link = a[ok], b[ok], link[ok]
         if len(a) == 0:
@@ -224,6 +225,12 @@ def cluster_embeddings(
     i, j, _ = knn_pairs(emb[rows], config.k, config.index, config.exact_max)
     labels[rows] = merge_rounds(emb[rows], i, j, config)
     return labels
+
+
+def _evidence(na: np.ndarray, nb: np.ndarray, config: ClusterConfig) -> np.ndarray:
+    if config.evidence == "min":
+        return np.minimum(na, nb)
+    return 2.0 * na * nb / (na + nb)
 
 
 def threshold_for_mean(threshold: float, floor: float, m: np.ndarray) -> np.ndarray:
