@@ -110,7 +110,9 @@ def test_size_allowance_merges_large_clusters_not_single_faces():
 
     config = ClusterConfig(threshold=0.9, margin=0.1)
     assert config.lowest == pytest.approx(0.8)
-    assert threshold_for_mean(0.9, 0.8, np.array([1, 4, 100])) == pytest.approx([0.9, 0.85, 0.81])
+    m = np.array([1, 4, 100])
+    assert threshold_for_mean(0.9, 0.8, m, power=0.5) == pytest.approx([0.9, 0.85, 0.81])
+    assert threshold_for_mean(0.9, 0.8, m, power=3) == pytest.approx([0.9, 0.8 + 0.1 / 64, 0.8])
 
 
 def test_quality_gate_and_bad_input():
