@@ -123,9 +123,11 @@ def _changed(
 ) -> tuple[list[str], dict[str, FileState], list[str], int]:
     """(paths to read, unchanged-content candidates' states, vanished paths, files seen)."""
     stored = library.file_states()
-    on_disk = [str(p.resolve()) for p in list_images(root)]
-    prefix = str(root.resolve()) + os.sep
-    vanished = [p for p in stored if p.startswith(prefix) and p not in set(on_disk)]
+    # absolute, not resolved: a symbolic link's faces are dropped when the link goes
+    on_disk = [os.path.abspath(p) for p in list_images(root)]
+    prefix = os.path.abspath(root) + os.sep
+    present = set(on_disk)
+    vanished = [p for p in stored if p.startswith(prefix) and p not in present]
     todo = []
     for path in on_disk:
         old = stored.get(path)
