@@ -244,7 +244,7 @@ def main() -> None:
         "whispers": ("Chinese Whispers on k-NN graph", knn_whispers, args.sweep),
         "leiden": ("Leiden (modularity) on k-NN graph", leiden, args.sweep),
         "hdbscan": ("HDBSCAN (scikit-learn)", hdbscan, [0.0]),
-        "rank_order": ("rank-order (Otto et al.)", rank_order, [0.8, 1.2, 1.6, 2.0]),
+        "rank_order": ("rank-order (Otto et al.)", rank_order, [0.2, 0.4, 0.6, 0.8, 1.2, 1.6]),
     }
     for key in args.baselines:
         name, fn, settings = sweeps[key]
