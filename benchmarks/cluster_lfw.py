@@ -6,10 +6,12 @@ Input: the embeddings of `facelab embed` (one face per image, dlib_resnet by def
     PYTHONPATH=$PWD/src python3 benchmarks/cluster_lfw.py runs/lfw_all.npz
 
 Labels are the LFW names (the image's folder); they are used only to score. facelab's
-threshold is the model's 1:1 operating point calibrated on LFW View 1 pairsDevTrain (the cosine
-at `--far`, computed here from the same embeddings with `eval.metrics.tpr_at_fpr`, or given
-with `--threshold`); no LFW clustering label picks it. The baselines are swept over thresholds
-and shown at their best (oracle) pairwise-F and BCubed-F thresholds, which a user cannot know:
+threshold is a 1:1 operating point of the model: the cosine at FAR = `--per-face-far` / N
+(default 0.3 expected false matches per face among N faces), measured on every pair of distinct
+images of LFW View 1 pairsDevTrain (`calibration_scores`), or `--far`, or `--threshold`; no LFW
+clustering label picks it. `--people peopleDevTest.txt` restricts the faces to one of View 1's
+people lists. The baselines are swept over thresholds and shown at their best (oracle)
+pairwise-F and BCubed-F thresholds, which a user cannot know:
 
 - dlib `chinese_whispers_clustering` (all pairs within a Euclidean distance; cosine c is
   distance sqrt(2 - 2c) on unit vectors);
