@@ -24,6 +24,7 @@ it is, checked one at a time, `_stars`), with a merge threshold that depends on 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 
@@ -69,19 +70,21 @@ class ClusterConfig:
 
 
 def knn_pairs(
-    embeddings: np.ndarray, k: int, method: str = "flat", exact_max: int = 200_000
+    embeddings: np.ndarray, k: int, method: str = "auto", exact_max: int = 200_000
 ) -> tuple[np.ndarray, ...]:
     """(i, j, cosine) of each face i and its k nearest other faces j (i < j, unique).
 
-    method "auto": FAISS flat (exact) up to `exact_max` faces; above, IVF with 4 sqrt(N) cells
-    of which 8 are scanned per face (approximate, a few percent of the exact cost)."""
+    method "auto": FAISS flat (exact; numpy's exact search without FAISS) up to `exact_max`
+    faces; above, IVF with 4 sqrt(N) cells of which 8 are scanned per face (approximate,
+    about 1/500 of the exact cost at 1M faces)."""
     n = len(embeddings)
     if n < 2:
         empty = np.zeros(0, np.int64)
         return empty, empty, np.zeros(0, np.float32)
     options = {}
     if method == "auto":
-        method = "flat" if n <= exact_max else "ivf"
+        small = "flat" if importlib.util.find_spec("faiss") else "exact"
+        method = small if n <= exact_max else "ivf"
         if method == "ivf":
             options = {"nlist": int(4 * np.sqrt(n)), "nprobe": 8}
     index = build_index(embeddings, method, **options)
