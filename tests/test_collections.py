@@ -435,3 +435,13 @@ def test_cli_index_cluster_name_search(tmp_path, lfw, single_torch_thread, capsy
     assert run("people", "--library", lib, "undo")["undone"].startswith("name person")
     assert main(["people", "--library", lib, "name", "999", "X"]) == 2
     assert "no person '999'" in caplog.text
+
+
+def test_cluster_warns_when_the_stored_threshold_is_too_loose(library, caplog):
+    from facelab import api
+
+    loose = Threshold(0.9, "test", target_far=0.5, measured_far=0.5, measured_frr=0.0)
+    library.gallery.set_threshold(loose, MODEL)
+    report = api.cluster_people(library.path)
+    assert report.threshold == 0.9
+    assert "expects about 4 false matches per face among 7 faces" in caplog.text

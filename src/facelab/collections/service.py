@@ -8,6 +8,7 @@ false-accept rate on labelled pairs, e.g. LFW View 1 pairsDevTrain); never a sil
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from facelab.collections.people import ClusterReport, cluster_library
 from facelab.collections.search import PhotoHit, search_face, search_person
 from facelab.gallery.service import find_faces, resolve_threshold
 from facelab.models.face_model import FaceModel
+
+log = logging.getLogger(__name__)
 
 
 def library_model(library: Library, model: FaceModel | str | None = None) -> FaceModel:
@@ -55,6 +58,16 @@ def cluster_people(
     """Cluster the library's free faces into people (`collections.people`)."""
     with Library(library) as lib:
         chosen = resolve_threshold(lib.gallery, threshold, far)
+        faces = lib.stats()["faces"]
+        if chosen.target_far is not None and chosen.target_far * faces > 1:
+            log.warning(
+                "%s: the threshold for FAR %g expects about %.0f false matches per face among "
+                "%d faces; clustering wants FAR <= 0.3 / N (docs/collections.md) or --threshold",
+                library,
+                chosen.target_far,
+                chosen.target_far * faces,
+                faces,
+            )
         config = ClusterConfig(threshold=chosen.value, min_quality=min_quality)
         return cluster_library(lib, chosen, config)
 
