@@ -321,9 +321,11 @@ def test_index_finds_every_face_of_group_pictures(tmp_path, lfw, model, single_t
         path = photos / f"group{n}.jpg"
         Image.fromarray(group.image).save(path, quality=95)
         truth[os.path.abspath(path)] = group.faces
+    (photos / "broken.jpg").write_bytes(b"not an image")
     with Library(tmp_path / "lib.db", create=True) as lib:
         report = index_folder(lib, model, photos, IndexConfig(batch_size=1), progress=False)
-        assert (report.indexed, report.faces) == (2, 6)
+        assert (report.indexed, report.faces) == (3, 6)
+        assert report.unreadable == [os.path.abspath(photos / "broken.jpg")]
         table = lib.faces()
         for path, pasted in truth.items():
             boxes = table.boxes[[p == path for p in table.file_paths]]
@@ -350,7 +352,7 @@ def test_index_finds_every_face_of_group_pictures(tmp_path, lfw, model, single_t
 
         # incremental: nothing new -> nothing processed; a changed and a deleted file
         again = index_folder(lib, model, photos, progress=False)
-        assert (again.indexed, again.unchanged, again.removed) == (0, 2, 0)
+        assert (again.indexed, again.unchanged, again.removed) == (0, 3, 0)
         (photos / "group1.jpg").unlink()
         single = lfw / "images" / "Tony_Blair" / "Tony_Blair_0010.jpg"
         (photos / "group0.jpg").write_bytes(single.read_bytes())

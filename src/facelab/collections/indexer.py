@@ -79,8 +79,8 @@ class IndexReport:
 @dataclass(frozen=True)
 class _Loaded:
     path: str
-    state: FileState
-    image: np.ndarray | None  # None: unreadable
+    state: FileState | None  # None: the file could not be read at all (not stored)
+    image: np.ndarray | None  # None: not a readable image (stored with no faces)
 
 
 def _state(path: Path) -> FileState:
@@ -94,8 +94,12 @@ def _sha256(path: Path) -> str:
 
 def _load(path: str) -> _Loaded:
     p = Path(path)
-    state = _state(p)
-    sha = _sha256(p)
+    try:
+        state = _state(p)
+        sha = _sha256(p)
+    except OSError as exc:  # gone or unreadable since the folder was listed
+        log.warning("%s: cannot read (%s), skipped", path, exc)
+        return _Loaded(path, None, None)
     try:
         image = read_image(p)
     except ImageError as exc:
@@ -142,6 +146,7 @@ class _FaceFinder:
     embed them, and measure quality and thumbnails."""
 
     def __init__(self, model: FaceModel, config: IndexConfig) -> None:
+        self.dim = model.embedding_dim  # the traced copy cannot be probed for it
         self.model = model.for_inference()
         self.spec = model.preprocess
         self.config = config
@@ -211,7 +216,7 @@ class _FaceFinder:
         embeddings = (
             self.model.embed_tensors(self.spec.normalise(np.stack(crops)))
             if crops
-            else np.zeros((0, self.model.embedding_dim), np.float32)
+            else np.zeros((0, self.dim), np.float32)
         )
         rows = iter(embeddings)
         out = []
@@ -272,6 +277,9 @@ def index_folder(
                 upcoming = reader.submit(lambda b: [_load(p) for p in b], batches[n + 1])
             fresh = []
             for item in loaded:
+                if item.state is None:
+                    unreadable.append(item.path)
+                    continue
                 old = stored.get(item.path)
                 if old is not None and old.sha256 == item.state.sha256:
                     same_content[item.path] = item.state
