@@ -1,6 +1,8 @@
 """Face clustering on all 13,233 LFW images: facelab's clustering beside the baselines.
 
-Input: the embeddings of `facelab embed` (one face per image, dlib_resnet by default):
+Input: the embeddings of `facelab embed` (one face per image, dlib_resnet by default), or a
+library of LFW's images made by `facelab index ... --no-face centre` (its main faces, with
+their quality, for `--min-quality`):
 
     PYTHONPATH=$PWD/src python3 -m facelab embed ../shared/data/lfw/images --out runs/lfw_all.npz
     PYTHONPATH=$PWD/src python3 benchmarks/cluster_lfw.py runs/lfw_all.npz
@@ -51,6 +53,18 @@ def load(npz: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return emb, np.unique(names, return_inverse=True)[1], paths
 
 
+def load_library(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """The main face (face 0) of every photo of a library made by `facelab index` of LFW's
+    images folder: embeddings, labels, paths, and face quality."""
+    from facelab.collections.library import Library
+
+    with Library(path) as library:
+        table = library.faces("f.face = 0")
+    names = np.array([Path(p).parent.name for p in table.file_paths])
+    labels = np.unique(names, return_inverse=True)[1]
+    return table.embeddings, labels, table.file_paths, table.quality
+
+
 def calibration_scores(
     emb: np.ndarray, paths: list[str], pairs: Path
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +83,14 @@ def calibration_scores(
 def operating_point(scores: np.ndarray, same: np.ndarray, far: float) -> float:
     """The cosine threshold at false-accept rate `far` on the calibration pairs."""
     return tpr_at_fpr(scores, same, far)[1]
+
+
+def _singletons(labels: np.ndarray) -> np.ndarray:
+    """Unclustered faces (-1) as clusters of their own, for scoring."""
+    out = labels.copy()
+    alone = out < 0
+    out[alone] = out.max(initial=-1) + 1 + np.arange(alone.sum())
+    return out
 
 
 def dlib_whispers(emb: np.ndarray, cosine: float) -> np.ndarray:
@@ -210,6 +232,13 @@ def main() -> None:
     )
     parser.add_argument("--far", type=float, help="facelab's threshold at this FAR instead")
     parser.add_argument("--threshold", type=float, help="facelab's threshold, given")
+    parser.add_argument(
+        "--min-quality",
+        type=float,
+        nargs="*",
+        default=[0.0],
+        help="quality gates to try (EMBEDDINGS a library .db from facelab index)",
+    )
     parser.add_argument("--people", type=Path, help="only these people (e.g. peopleDevTest.txt)")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument(
@@ -221,8 +250,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write every row as JSON here")
     args = parser.parse_args()
 
-    emb, truth, paths = load(args.embeddings)
-    scores, same = calibration_scores(emb, paths, args.pairs)
+    quality = None
+    if args.embeddings.suffix == ".db":
+        emb, truth, paths, quality = load_library(args.embeddings)
+    else:
+        emb, truth, paths = load(args.embeddings)
+    if args.threshold is None:
+        scores, same = calibration_scores(emb, paths, args.pairs)
     if args.people:
         keep = np.isin([Path(p).parent.name for p in paths], read_people(args.people))
         emb, truth, paths = (
@@ -230,16 +264,32 @@ def main() -> None:
             np.unique(truth[keep], return_inverse=True)[1],
             [p for p, k in zip(paths, keep, strict=True) if k],
         )
-    far = args.far if args.far is not None else args.per_face_far / len(emb)
-    threshold = args.threshold or operating_point(scores, same, far)
+        quality = None if quality is None else quality[keep]
+    if args.threshold is not None:
+        threshold, source = args.threshold, "given"
+    else:
+        far = args.far if args.far is not None else args.per_face_far / len(emb)
+        threshold = operating_point(scores, same, far)
+        source = (
+            f"FAR {far:.3g} on all {int(same.sum()):,} genuine and {int((~same).sum()):,} "
+            f"impostor pairs of {args.pairs.name} images"
+        )
     print(
-        f"{len(emb):,} faces, {len(np.unique(truth)):,} people; calibration on "
-        f"{args.pairs.name} images: {int(same.sum()):,} genuine, {int((~same).sum()):,} "
-        f"impostor pairs; threshold {threshold:.4f} at FAR {far:.3g}"
+        f"{len(emb):,} faces, {len(np.unique(truth)):,} people; threshold {threshold:.4f} "
+        f"({source})"
     )
-    config = ClusterConfig(threshold=threshold, k=args.k)
-    results = [score("facelab", lambda: cluster_embeddings(emb, config), truth, f"{threshold:.4f}")]
-    print(json.dumps(results[-1]), flush=True)
+    results = []
+    for gate in args.min_quality if quality is not None else [0.0]:
+        config = ClusterConfig(threshold=threshold, k=args.k, min_quality=gate)
+        results.append(
+            score(
+                "facelab" + (f", quality >= {gate:g}" if gate else ""),
+                lambda c=config: _singletons(cluster_embeddings(emb, c, quality)),
+                truth,
+                f"{threshold:.4f}",
+            )
+        )
+        print(json.dumps(results[-1]), flush=True)
     sweeps = {
         "dlib": ("dlib chinese_whispers_clustering", dlib_whispers, args.sweep),
         "agglomerative": ("scikit-learn agglomerative (average)", agglomerative, args.sweep),

@@ -6,9 +6,9 @@ so one bad factor (a tiny, blurred, turned or badly lit face) is enough to flag 
 - size: eye distance in image pixels, `min(1, d / SIZE_GOOD_EYES)`. The embedding models align
   on about 40-60 px between the eyes; a face with 10 px between them is mostly upsampling.
 - blur: variance of the Laplacian of the aligned face's grey levels (the 4-neighbour kernel),
-  `v / (v + BLUR_HALF)`; BLUR_HALF is where the part is 0.5. On 300 random LFW faces aligned
-  by dlib_resnet's preprocessing (150 px) v has its 1st percentile at 35 (part 0.58) and its
-  median at 116 (0.82); a face blurred to a few grey levels of detail has v near zero.
+  `v / (v + BLUR_HALF)`; BLUR_HALF is where the part is 0.5. LFW's main faces aligned by
+  dlib_resnet's preprocessing (150 px chips, upsampled) have a median part of about 0.59; a
+  face blurred to a few grey levels of detail has v near zero.
 - pose: landmark symmetry. In a frontal face the nose lies midway between the eyes and the
   mouth corners mirror the eyes; the horizontal offset of the nose from the eye midpoint,
   divided by the eye distance, grows with yaw (about 0.5 in full profile).
