@@ -176,6 +176,10 @@ class Library:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """Rows of a read-only query on the library's tables (outside any write)."""
+        return self._conn.execute(sql, tuple(params)).fetchall()
+
     # -- meta and model -------------------------------------------------------------------------
 
     def meta(self, key: str) -> str | None:

@@ -130,18 +130,18 @@ def undo(library: Library) -> str:
 
 def person_id(library: Library, ref: str | int) -> int:
     """A person by id (an int or a string of digits) or by name."""
-    db = library._conn
     if isinstance(ref, int) or str(ref).isdigit():
-        row = db.execute("SELECT id FROM lib_people WHERE id = ?", (int(ref),)).fetchone()
+        rows = library.query("SELECT id FROM lib_people WHERE id = ?", (int(ref),))
     else:
-        row = db.execute("SELECT id FROM lib_people WHERE name = ?", (ref,)).fetchone()
+        rows = library.query("SELECT id FROM lib_people WHERE name = ?", (ref,))
+    row = rows[0] if rows else None
     if row is None:
         raise LibraryError(f"{library.path}: no person {ref!r}")
     return int(row[0])
 
 
 def _check_face(library: Library, face_id: int) -> None:
-    if not library._conn.execute("SELECT 1 FROM lib_faces WHERE id = ?", (face_id,)).fetchone():
+    if not library.query("SELECT 1 FROM lib_faces WHERE id = ?", (face_id,)):
         raise LibraryError(f"{library.path}: no face {face_id}")
 
 
@@ -156,7 +156,7 @@ def representative(table: FaceTable, rows: np.ndarray) -> int:
 def list_people(library: Library, min_faces: int = 1) -> list[Person]:
     """Every person with at least `min_faces` faces, named first, then by size."""
     table = library.faces("NOT f.ignored AND f.person_id IS NOT NULL")
-    names = dict(library._conn.execute("SELECT id, name FROM lib_people").fetchall())
+    names = dict(library.query("SELECT id, name FROM lib_people"))
     people = []
     for pid in np.unique(table.person):
         rows = np.flatnonzero(table.person == pid)
@@ -268,7 +268,7 @@ def cluster_library(
     tick = time.perf_counter()
     config = config or ClusterConfig(threshold=threshold.value)
     table = library.faces()
-    names = dict(library._conn.execute("SELECT id, name FROM lib_people").fetchall())
+    names = dict(library.query("SELECT id, name FROM lib_people"))
     named = np.array([names.get(int(p)) is not None for p in table.person])
     free = ~(table.pinned | named)
     usable = table.quality >= config.min_quality
@@ -335,11 +335,11 @@ def sync_gallery(library: Library) -> None:
     model = library.model()
     if model is None:
         return
-    rows = library._conn.execute(
+    rows = library.query(
         "SELECT p.name, l.path, l.sha256, f.face, f.embedding FROM lib_faces f "
         "JOIN lib_people p ON p.id = f.person_id JOIN lib_files l ON l.id = f.file_id "
         "WHERE p.name IS NOT NULL AND NOT f.ignored ORDER BY p.name, f.id"
-    ).fetchall()
+    )
     wanted: dict[str, list[EnrolledFace]] = {}
     for name, path, sha, face, blob in rows:
         wanted.setdefault(name, []).append(
