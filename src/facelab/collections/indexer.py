@@ -27,7 +27,7 @@ from tqdm import tqdm
 from facelab.collections.library import FileState, IndexedFace, IndexedFile, Library
 from facelab.collections.quality import face_quality
 from facelab.data.folders import list_images
-from facelab.data.images import ImageError, read_image
+from facelab.data.images import ImageError, decode_image
 from facelab.gallery.store import ModelInfo
 from facelab.models.detectors.mtcnn import Detections, face_order
 from facelab.models.face_model import FaceModel
@@ -88,23 +88,21 @@ def _state(path: Path) -> FileState:
     return FileState("", st.st_size, st.st_mtime_ns)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _load(path: str) -> _Loaded:
+    """Stat, hash and decode one photo, reading its bytes once."""
     p = Path(path)
     try:
         state = _state(p)
-        sha = _sha256(p)
+        data = p.read_bytes()
     except OSError as exc:  # gone or unreadable since the folder was listed
         log.warning("%s: cannot read (%s), skipped", path, exc)
         return _Loaded(path, None, None)
     try:
-        image = read_image(p)
+        image = decode_image(data, path)
     except ImageError as exc:
         log.warning("%s", exc)
         image = None
+    sha = hashlib.sha256(data).hexdigest()
     return _Loaded(path, FileState(sha, state.size, state.mtime_ns), image)
 
 
