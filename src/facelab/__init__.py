@@ -13,13 +13,16 @@ __version__ = "0.1.0"
 _API = [
     "Verification",
     "classify",
+    "cluster_people",
     "embed",
     "evaluate",
     "list_models",
+    "index_photos",
     "load_model",
     "predict_folder",
     "score_trial_file",
     "score_trials",
+    "search_photos",
     "verify",
 ]
 _GALLERY = [

@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from facelab.collections.service import cluster_people as cluster_people
+from facelab.collections.service import index_photos as index_photos
+from facelab.collections.service import search_photos as search_photos
 from facelab.data.folders import IdentityFolder, Sample, list_images
 from facelab.data.trials import Trial, read_trials
 from facelab.eval.metrics import roc_curve, threshold_at_far, verification_report

@@ -629,6 +629,121 @@ def _add_deployment_commands(sub: Any) -> None:
     )
 
 
+# -- photo collections: index, cluster, people, search -------------------------------------------
+
+
+def _threshold_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--threshold", type=float, help="cosine threshold (default: calibrated)")
+    group.add_argument("--far", type=float, help="use the library's threshold for this FAR")
+
+
+def _add_collection_commands(sub: Any) -> None:
+    library = argparse.ArgumentParser(add_help=False)
+    library.add_argument("--library", default="library.db", help="library file (library.db)")
+
+    p = sub.add_parser("index", help="index every face of a folder of photos", parents=[library])
+    p.add_argument("photos", help="folder of photos (searched recursively)")
+    p.add_argument("--model", default="dlib_resnet", help="checkpoint or pretrained name")
+    p.add_argument("--batch-size", type=int, default=32, help="photos per batch and commit")
+    p.add_argument(
+        "--no-face",
+        choices=("skip", "centre"),
+        default="skip",
+        help="photo without a detected face: no faces (default) or its centre crop",
+    )
+
+    p = sub.add_parser("cluster", help="group the library's unnamed faces", parents=[library])
+    _threshold_options(p)
+    p.add_argument("--min-quality", type=float, default=0.0, help="faces below stay unclustered")
+
+    p = sub.add_parser(
+        "people", help="list, name, merge, split, move, ignore, undo", parents=[library]
+    )
+    people = p.add_subparsers(dest="people_command", required=True)
+    q = people.add_parser("list", help="people (named first) with size and representative face")
+    q.add_argument("--min-faces", type=int, default=2)
+    q.add_argument("--thumbnails", help="folder to write each representative face's JPEG to")
+    q = people.add_parser("show", help="a person's faces")
+    q.add_argument("person", help="name or id")
+    q = people.add_parser("name", help="name a person (it joins the library's gallery)")
+    q.add_argument("person", help="name or id")
+    q.add_argument("name")
+    q = people.add_parser("merge", help="move every face of OTHER into KEEP")
+    q.add_argument("keep")
+    q.add_argument("other")
+    q = people.add_parser("split", help="move faces out into a new person")
+    q.add_argument("faces", type=int, nargs="+", help="face ids")
+    q = people.add_parser("move", help="move a face to a person (or out with --none)")
+    q.add_argument("face", type=int)
+    q.add_argument("person", nargs="?", help="name or id")
+    q = people.add_parser("ignore", help="mark a face 'not a face / ignore'")
+    q.add_argument("face", type=int)
+    people.add_parser("undo", help="undo the last action")
+
+    p = sub.add_parser("search", help="photos of a person, ranked, with boxes", parents=[library])
+    probe = p.add_mutually_exclusive_group(required=True)
+    probe.add_argument("--face", help="probe photo (its main face)")
+    probe.add_argument("--person", help="a person of the library, by name or id")
+    _threshold_options(p)
+    p.add_argument("--limit", type=int, help="at most this many photos")
+
+
+@command("index")
+def _index(args: argparse.Namespace) -> None:
+    from facelab.collections.indexer import IndexConfig
+
+    config = IndexConfig(batch_size=args.batch_size, no_face=args.no_face)
+    report = api.index_photos(args.library, args.photos, args.model, config)
+    print(json.dumps(asdict(report) | {"faces_per_s": round(report.faces_per_s, 1)}))
+
+
+@command("cluster")
+def _cluster(args: argparse.Namespace) -> None:
+    report = api.cluster_people(args.library, args.threshold, args.far, args.min_quality)
+    print(json.dumps(asdict(report)))
+
+
+@command("people")
+def _people(args: argparse.Namespace) -> None:
+    from facelab.collections import people
+    from facelab.collections.library import Library
+
+    with Library(args.library) as lib:
+        action = args.people_command
+        if action == "list":
+            found = people.list_people(lib, args.min_faces)
+            if args.thumbnails:
+                folder = Path(args.thumbnails)
+                folder.mkdir(parents=True, exist_ok=True)
+                for person in found:
+                    (folder / f"{person.id}.jpg").write_bytes(lib.thumbnail(person.representative))
+            print(json.dumps({"library": lib.stats(), "people": [asdict(p) for p in found]}))
+        elif action == "show":
+            table = people.person_faces(lib, args.person)
+            print(json.dumps([lib.face_details(int(i)) for i in table.ids]))
+        elif action == "name":
+            people.name_person(lib, args.person, args.name)
+        elif action == "merge":
+            people.merge_people(lib, args.keep, args.other)
+        elif action == "split":
+            print(json.dumps({"person": people.split_person(lib, args.faces)}))
+        elif action == "move":
+            people.move_face(lib, args.face, args.person)
+        elif action == "ignore":
+            people.ignore_face(lib, args.face)
+        else:
+            print(json.dumps({"undone": people.undo(lib)}))
+
+
+@command("search")
+def _search(args: argparse.Namespace) -> None:
+    hits = api.search_photos(
+        args.library, args.face, args.person, args.threshold, args.far, limit=args.limit
+    )
+    print(json.dumps([asdict(hit) for hit in hits]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facelab", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -801,6 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
             "(faster; for faces that fill a good part of the photo) or blazeface_full; default: "
             "the model's (a gallery's: the one it was built with)",
         )
+    _add_collection_commands(sub)
     return parser
 
 

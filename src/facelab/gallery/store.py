@@ -33,7 +33,7 @@ import sqlite3
 import time
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,28 @@ CREATE TABLE thresholds (
     created REAL NOT NULL
 );
 """
+
+
+@contextmanager
+def write_transaction(
+    conn: sqlite3.Connection, name: str = "gallery"
+) -> Iterator[sqlite3.Connection]:
+    """One write transaction: all of it is committed, or (on any error or a kill) none. A write
+    lock another process holds past the busy timeout is GalleryBusy, naming `name`."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise
+        raise GalleryBusy(
+            f"{name}: gallery busy: another process is writing to it ({exc})"
+        ) from exc
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class GalleryError(ValueError):
@@ -302,24 +324,15 @@ class GalleryStore:
 
     # -- transactions -------------------------------------------------------------------------
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: all of it is committed, or (on any error or a kill) none."""
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        """One write transaction (`write_transaction`), refused at once on a read-only gallery."""
         self.check_writable()
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            raise GalleryBusy(
-                f"{self.path}: gallery busy: another process is writing to it ({exc})"
-            ) from exc
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+        return write_transaction(self._conn, str(self.path))
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The open connection, for tables layered on the same file (a photo library's)."""
+        return self._conn
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:

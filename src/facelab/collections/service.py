@@ -1,0 +1,93 @@
+"""The collection functions `facelab.api` exposes: open a library, index, cluster, search.
+
+The model: the one the library was indexed with (its recorded source: a pretrained name or a
+checkpoint path) unless the caller gives one. The threshold: the caller's, else the one stored
+in the library's gallery by `facelab calibrate --gallery LIB` (the cosine at a target
+false-accept rate on labelled pairs, e.g. LFW View 1 pairsDevTrain); never a silent default.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from facelab.collections.cluster import ClusterConfig
+from facelab.collections.indexer import IndexConfig, IndexReport, index_folder
+from facelab.collections.library import Library, LibraryError
+from facelab.collections.people import ClusterReport, cluster_library
+from facelab.collections.search import PhotoHit, search_face, search_person
+from facelab.gallery.service import find_faces, resolve_threshold
+from facelab.models.face_model import FaceModel
+
+log = logging.getLogger(__name__)
+
+
+def library_model(library: Library, model: FaceModel | str | None = None) -> FaceModel:
+    """The caller's model (object or source), else the library's recorded one."""
+    from facelab.api import load_model
+
+    if isinstance(model, FaceModel):
+        return model
+    source = model or library.meta("model_source")
+    if source is None:
+        raise LibraryError(f"{library.path}: no model recorded; give one (e.g. dlib_resnet)")
+    return load_model(source)
+
+
+def index_photos(
+    library: str | Path,
+    folder: str | Path,
+    model: FaceModel | str = "dlib_resnet",
+    config: IndexConfig | None = None,
+    progress: bool = True,
+) -> IndexReport:
+    """Index (or bring up to date) every face of the photos under `folder` into `library`."""
+    with Library(library, create=True) as lib:
+        source = model if isinstance(model, str) else lib.meta("model_source")
+        return index_folder(lib, library_model(lib, model), folder, config, source, progress)
+
+
+def cluster_people(
+    library: str | Path,
+    threshold: float | None = None,
+    far: float | None = None,
+    min_quality: float = 0.0,
+) -> ClusterReport:
+    """Cluster the library's free faces into people (`collections.people`)."""
+    with Library(library) as lib:
+        chosen = resolve_threshold(lib.gallery, threshold, far)
+        faces = lib.stats()["faces"]
+        if chosen.target_far is not None and chosen.target_far * faces > 1:
+            log.warning(
+                "%s: the threshold for FAR %g expects about %.0f false matches per face among "
+                "%d faces; clustering wants FAR <= 0.3 / N (docs/collections.md) or --threshold",
+                library,
+                chosen.target_far,
+                chosen.target_far * faces,
+                faces,
+            )
+        config = ClusterConfig(threshold=chosen.value, min_quality=min_quality)
+        return cluster_library(lib, chosen, config)
+
+
+def search_photos(
+    library: str | Path,
+    face: str | Path | np.ndarray | None = None,
+    person: str | None = None,
+    threshold: float | None = None,
+    far: float | None = None,
+    model: FaceModel | str | None = None,
+    limit: int | None = None,
+) -> list[PhotoHit]:
+    """Photos of the person in the probe image `face` (its main face), or of a person of the
+    library by name or id; exactly one of the two."""
+    if (face is None) == (person is None):
+        raise ValueError("search needs exactly one of a probe face or a person")
+    with Library(library) as lib:
+        if person is not None:
+            return search_person(lib, person, limit)
+        chosen = resolve_threshold(lib.gallery, threshold, far)
+        probe = find_faces(library_model(lib, model), [face], no_face="error")[0]
+        return search_face(lib, probe.embedding, chosen, limit)

@@ -1,0 +1,449 @@
+"""Photo collections: face quality parts, the library file, curation with undo, names that
+survive re-clustering, search, and real multi-face indexing on composed LFW group pictures."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facelab.collections import people
+from facelab.collections.cluster import ClusterConfig
+from facelab.collections.library import IndexedFace, IndexedFile, Library, LibraryError
+from facelab.collections.quality import (
+    BLUR_HALF,
+    blur_part,
+    exposure_part,
+    face_quality,
+    laplacian_variance,
+    pose_part,
+    size_part,
+)
+from facelab.collections.search import search_face, search_person
+from facelab.gallery.store import ModelInfo, Threshold
+
+FRONTAL = np.array([[40.0, 50], [80, 50], [60, 70], [45, 90], [75, 90]])
+
+
+# -- quality ---------------------------------------------------------------------------------------
+
+
+def test_size_part_follows_eye_distance():
+    assert size_part(FRONTAL) == 1.0  # 40 px between the eyes
+    assert size_part(FRONTAL * 0.25) == pytest.approx(10 / 30)
+
+
+def test_laplacian_variance_matches_scipy():
+    from scipy.ndimage import laplace
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (30, 40)).astype(np.float64)
+    assert laplacian_variance(img) == pytest.approx(laplace(img)[1:-1, 1:-1].var())
+
+
+def test_blur_part_drops_with_blur():
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    sharp = rng.integers(0, 255, (120, 120, 3)).astype(np.uint8)
+    soft = gaussian_filter(sharp.astype(float), sigma=(3, 3, 0))
+    flat = np.full((120, 120, 3), 128, np.uint8)
+    assert blur_part(sharp) > 0.99
+    assert blur_part(soft) < blur_part(sharp)
+    assert blur_part(flat) == 0.0
+    # BLUR_HALF is where the part is one half
+    assert laplacian_variance(soft) / (laplacian_variance(soft) + BLUR_HALF) == blur_part(soft)
+
+
+def test_pose_part_measures_nose_offset_not_roll():
+    assert pose_part(FRONTAL) == 1.0
+    turned = FRONTAL.copy()
+    turned[2, 0] += 10  # nose a quarter of the eye distance off the midpoint
+    assert pose_part(turned) == pytest.approx(0.5)
+    profile = FRONTAL.copy()
+    profile[2, 0] = 80  # nose under an eye
+    assert pose_part(profile) == 0.0
+    angle = np.deg2rad(30)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    assert pose_part(FRONTAL @ rot.T) == pytest.approx(1.0)
+
+
+def test_exposure_part():
+    assert exposure_part(np.full((50, 50, 3), 128, np.uint8)) == 1.0
+    assert exposure_part(np.full((50, 50, 3), 30, np.uint8)) == pytest.approx(0.5)
+    assert exposure_part(np.full((50, 50, 3), 0, np.uint8)) == 0.0
+    half_clipped = np.full((50, 50, 3), 128, np.uint8)
+    half_clipped[:25] = 255
+    # mean 191.5: (255 - 191.5) / (255 - 190) of the level, and half the pixels clipped
+    assert exposure_part(half_clipped) == pytest.approx(63.5 / 65 * 0.5)
+    quarter = np.full((40, 40, 3), 100, np.uint8)
+    quarter[:10] = 255
+    assert exposure_part(quarter) == pytest.approx(0.75)
+
+
+def test_face_quality_is_its_weakest_part():
+    rng = np.random.default_rng(0)
+    face = rng.integers(60, 190, (150, 150, 3)).astype(np.uint8)
+    q = face_quality(face, FRONTAL * 0.25)
+    assert q.score == min(q.size, q.blur, q.pose, q.exposure) == q.size
+    assert q.as_dict()["score"] == q.score
+
+
+# -- a library of synthetic faces ----------------------------------------------------------------
+
+DIM = 8
+MODEL = ModelInfo("toy", "f" * 16, DIM, {})
+THRESHOLD = Threshold(0.9, source="test")
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _face(number: int, embedding: np.ndarray, quality: float = 1.0) -> IndexedFace:
+    return IndexedFace(
+        face=number,
+        box=(10.0 * number, 0.0, 10.0 * number + 9, 9.0),
+        landmarks=FRONTAL,
+        det_score=0.99,
+        source="test",
+        quality={"score": quality},
+        embedding=embedding,
+        thumbnail=b"\xff\xd8jpeg",
+    )
+
+
+@pytest.fixture()
+def people_axes():
+    """Three people, each a direction in 8-d; faces are small perturbations of it."""
+    return _unit(np.eye(DIM)[:3])
+
+
+def _photo(path: str, vectors: list[np.ndarray], rng: np.random.Generator) -> IndexedFile:
+    faces = [_face(i, _unit(v + 0.05 * rng.standard_normal(DIM))) for i, v in enumerate(vectors)]
+    return IndexedFile(path, f"sha-{path}", 1, 1, faces)
+
+
+@pytest.fixture()
+def library(tmp_path, people_axes):
+    rng = np.random.default_rng(0)
+    a, b, c = people_axes
+    lib = Library(tmp_path / "lib.db", create=True)
+    lib.bind_model(MODEL, None)
+    lib.store_files(
+        [
+            _photo("/p/1.jpg", [a, b], rng),
+            _photo("/p/2.jpg", [a], rng),
+            _photo("/p/3.jpg", [a, c], rng),
+            _photo("/p/4.jpg", [b], rng),
+            _photo("/p/5.jpg", [c], rng),
+        ]
+    )
+    yield lib
+    lib.close()
+
+
+def _groups(lib: Library) -> set[frozenset[str]]:
+    """Each person's faces as (photo, face number) strings."""
+    table = lib.faces("f.person_id IS NOT NULL")
+    out: dict[int, set[str]] = {}
+    for pid, path, face in zip(table.person, table.file_paths, table.faces, strict=True):
+        out.setdefault(int(pid), set()).add(f"{path}#{face}")
+    return {frozenset(v) for v in out.values()}
+
+
+A_FACES = frozenset({"/p/1.jpg#0", "/p/2.jpg#0", "/p/3.jpg#0"})
+B_FACES = frozenset({"/p/1.jpg#1", "/p/4.jpg#0"})
+C_FACES = frozenset({"/p/3.jpg#1", "/p/5.jpg#0"})
+
+
+def _cluster(lib: Library) -> people.ClusterReport:
+    return people.cluster_library(lib, THRESHOLD, ClusterConfig(threshold=0.9, k=5))
+
+
+def _pid(lib: Library, faces: frozenset[str]) -> int:
+    path, number = next(iter(faces)).split("#")
+    table = lib.faces("lib_files.path = ? AND f.face = ?", (path, int(number)))
+    return int(table.person[0])
+
+
+def test_cluster_groups_people(library):
+    report = _cluster(library)
+    assert _groups(library) == {A_FACES, B_FACES, C_FACES}
+    assert (report.clusters, report.clustered_faces, report.unassigned) == (3, 7, 0)
+    listed = people.list_people(library)
+    assert [p.faces for p in listed] == [3, 2, 2]
+    table = library.faces()
+    assert all(p.representative in table.ids for p in listed)
+
+
+def test_low_quality_faces_stay_unclustered(tmp_path, people_axes):
+    rng = np.random.default_rng(1)
+    a = people_axes[0]
+    with Library(tmp_path / "q.db", create=True) as lib:
+        lib.bind_model(MODEL, None)
+        faces = [_face(0, _unit(a + 0.05 * rng.standard_normal(DIM)), q) for q in (1, 1, 0.1)]
+        lib.store_files(
+            [IndexedFile(f"/q/{i}.jpg", str(i), 1, 1, [f]) for i, f in enumerate(faces)]
+        )
+        config = ClusterConfig(threshold=0.9, k=5, min_quality=0.5)
+        report = people.cluster_library(lib, THRESHOLD, config)
+        assert (report.clustered_faces, report.unassigned) == (2, 1)
+        assert lib.faces("lib_files.path = '/q/2.jpg'").person[0] == -1
+
+
+def test_names_survive_reclustering_and_new_faces_join_them(library, people_axes):
+    _cluster(library)
+    people.name_person(library, _pid(library, A_FACES), "Alice")
+    assert library.gallery.identities()[0].name == "Alice"
+    assert library.gallery.identities()[0].images == 3
+    rng = np.random.default_rng(5)
+    library.store_files([_photo("/p/6.jpg", [people_axes[0]], rng)])  # a new photo of Alice
+    report = _cluster(library)
+    assert report.joined_named == 1
+    alice = people.person_faces(library, "Alice")
+    assert sorted(alice.file_paths) == ["/p/1.jpg", "/p/2.jpg", "/p/3.jpg", "/p/6.jpg"]
+    assert library.gallery.identities()[0].images == 4
+    # re-indexing an unchanged library and clustering again changes nothing
+    before = _groups(library)
+    _cluster(library)
+    assert _groups(library) == before
+
+
+def test_curation_and_undo(library):
+    _cluster(library)
+    start = _groups(library)
+    a, b = _pid(library, A_FACES), _pid(library, B_FACES)
+    people.name_person(library, b, "Bob")
+    people.merge_people(library, a, "Bob")  # a takes Bob's faces and name
+    assert A_FACES | B_FACES in _groups(library)
+    assert people.person_id(library, "Bob") == a
+    assert [i.name for i in library.gallery.identities()] == ["Bob"]
+    moved = int(people.person_faces(library, "Bob").ids[0])
+    people.move_face(library, moved, None)
+    assert people.person_faces(library, "Bob").ids.size == 4
+    new = people.split_person(library, [int(people.person_faces(library, "Bob").ids[0])])
+    assert people.person_faces(library, new).ids.size == 1
+    people.ignore_face(library, moved)
+    assert moved not in library.faces().ids
+    for expected in ("ignore", "split", "move", "merge", "name"):
+        assert expected in people.undo(library)
+    assert _groups(library) == start
+    assert library.gallery.identities() == []
+    assert "cluster" in people.undo(library)
+    assert _groups(library) == set()
+    with pytest.raises(LibraryError, match="nothing to undo"):
+        people.undo(library)
+
+
+def test_pinned_faces_stay_put(library):
+    _cluster(library)
+    face = int(people.person_faces(library, _pid(library, A_FACES)).ids[0])
+    target = _pid(library, C_FACES)
+    people.move_face(library, face, target)
+    _cluster(library)
+    assert int(library.faces("f.id = ?", (face,)).person[0]) == target
+
+
+def test_curation_refuses_bad_references(library):
+    _cluster(library)
+    with pytest.raises(LibraryError, match="no person 'Nobody'"):
+        people.name_person(library, "Nobody", "X")
+    with pytest.raises(LibraryError, match="no face 999"):
+        people.move_face(library, 999, None)
+    people.name_person(library, _pid(library, A_FACES), "Alice")
+    with pytest.raises(LibraryError, match="already person"):
+        people.name_person(library, _pid(library, B_FACES), "Alice")
+    with pytest.raises(LibraryError, match="itself"):
+        people.merge_people(library, "Alice", "Alice")
+
+
+def test_search_by_face_and_person(library, people_axes):
+    _cluster(library)
+    hits = search_face(library, people_axes[2], THRESHOLD)
+    assert [h.path for h in hits] == sorted([h.path for h in hits], key=lambda p: p) or hits
+    assert {h.path for h in hits} == {"/p/3.jpg", "/p/5.jpg"}
+    assert all(h.faces[0].score >= 0.9 for h in hits)
+    assert hits[0].score >= hits[1].score
+    assert hits[0].faces[0].box[2] > hits[0].faces[0].box[0]
+    people.name_person(library, _pid(library, A_FACES), "Alice")
+    photos = search_person(library, "Alice")
+    assert {p.path for p in photos} == {"/p/1.jpg", "/p/2.jpg", "/p/3.jpg"}
+    assert [p.score for p in photos] == sorted((p.score for p in photos), reverse=True)
+
+
+def test_library_refuses_other_models_and_files(tmp_path, library):
+    with pytest.raises(LibraryError, match="indexed with toy"):
+        library.bind_model(ModelInfo("other", "0" * 16, DIM, {}), None)
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE x (y)").connection.commit()
+    with pytest.raises(LibraryError, match="not a facelab gallery"):
+        Library(other)
+    with pytest.raises(LibraryError, match="no gallery file|no library file"):
+        Library(tmp_path / "absent.db")
+
+
+def test_a_failed_batch_leaves_the_library_as_it_was(library):
+    before = library.stats()
+    bad = IndexedFile("/p/9.jpg", "x", 1, 1, [_face(0, np.zeros(DIM, np.float32))] * 2)
+    broken = IndexedFile("/p/10.jpg", "y", 1, 1, [_face(0, np.zeros(DIM, np.float32))])
+    object.__setattr__(broken, "faces", [None])  # fails mid-transaction
+    with pytest.raises(AttributeError):
+        library.store_files([bad, broken])
+    assert library.stats() == before
+
+
+# -- real photos ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    from facelab import api
+
+    return api.load_model("dlib_resnet")
+
+
+def test_index_finds_every_face_of_group_pictures(tmp_path, lfw, model, single_torch_thread):
+    from facelab.collections.indexer import IndexConfig, index_folder
+    from facelab.data.groups import compose_group
+
+    rng = np.random.default_rng(3)
+    names = ["Colin_Powell", "Serena_Williams", "Tony_Blair"]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    truth = {}
+    for n in range(2):
+        group = compose_group([lfw / "images" / p / f"{p}_{n + 1:04d}.jpg" for p in names], rng)
+        path = photos / f"group{n}.jpg"
+        Image.fromarray(group.image).save(path, quality=95)
+        truth[os.path.abspath(path)] = group.faces
+    (photos / "broken.jpg").write_bytes(b"not an image")
+    with Library(tmp_path / "lib.db", create=True) as lib:
+        report = index_folder(lib, model, photos, IndexConfig(batch_size=1), progress=False)
+        assert (report.indexed, report.faces) == (3, 6)
+        assert report.unreadable == [os.path.abspath(photos / "broken.jpg")]
+        table = lib.faces()
+        for path, pasted in truth.items():
+            boxes = table.boxes[[p == path for p in table.file_paths]]
+            for face in pasted:  # each pasted face has a detected box centred inside it
+                x1, y1, x2, y2 = face.box
+                cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+                assert ((cx > x1) & (cx < x2) & (cy > y1) & (cy < y2)).sum() == 1
+        # who each detected face is (the pasted face its box centre falls in)
+        who = []
+        for row, path in enumerate(table.file_paths):
+            cx, cy = (
+                (table.boxes[row, 0] + table.boxes[row, 2]) / 2,
+                (table.boxes[row, 1] + table.boxes[row, 3]) / 2,
+            )
+            hit = [f for f in truth[path] if f.box[0] < cx < f.box[2] and f.box[1] < cy < f.box[3]]
+            who.append(hit[0].source.split("/")[-2])
+        who = np.array(who)
+        sims = table.embeddings @ table.embeddings.T
+        same = (who[:, None] == who[None]) & ~np.eye(6, dtype=bool)
+        assert sims[same].min() > sims[who[:, None] != who[None]].max()
+        details = [lib.face_details(int(i)) for i in table.ids]
+        assert all(0 < d["quality"]["score"] <= 1 and d["source"] == "mtcnn" for d in details)
+        assert lib.thumbnail(int(table.ids[0]))[:2] == b"\xff\xd8"
+
+        # incremental: nothing new -> nothing processed; a changed and a deleted file
+        again = index_folder(lib, model, photos, progress=False)
+        assert (again.indexed, again.unchanged, again.removed) == (0, 3, 0)
+        (photos / "group1.jpg").unlink()
+        single = lfw / "images" / "Tony_Blair" / "Tony_Blair_0010.jpg"
+        (photos / "group0.jpg").write_bytes(single.read_bytes())
+        again = index_folder(lib, model, photos, progress=False)
+        assert (again.indexed, again.removed, again.faces) == (1, 1, 1)
+        assert lib.stats()["faces"] == 1
+
+
+def test_index_is_resumable_after_a_kill(tmp_path, lfw, model, single_torch_thread):
+    """Batches committed before a crash stay; the next run does only the rest."""
+    from facelab.collections import indexer
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for n in range(1, 4):
+        src = lfw / "images" / "Colin_Powell" / f"Colin_Powell_{n:04d}.jpg"
+        (photos / src.name).symlink_to(src)  # linked photos: a removed link drops its faces
+    calls = []
+    real = indexer._FaceFinder.run
+
+    def dying(self, loaded):
+        calls.append(len(loaded))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies during the second batch
+        return real(self, loaded)
+
+    config = indexer.IndexConfig(batch_size=1)
+    with Library(tmp_path / "lib.db", create=True) as lib:
+        indexer._FaceFinder.run = dying
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                indexer.index_folder(lib, model, photos, config, progress=False)
+        finally:
+            indexer._FaceFinder.run = real
+        assert lib.stats()["files"] == 1
+        report = indexer.index_folder(lib, model, photos, config, progress=False)
+        assert (report.indexed, report.unchanged) == (2, 1)
+        assert lib.stats() == {**lib.stats(), "files": 3, "faces": 3}
+        (photos / "Colin_Powell_0002.jpg").unlink()
+        report = indexer.index_folder(lib, model, photos, config, progress=False)
+        assert (report.removed, lib.stats()["faces"]) == (1, 2)
+
+
+def test_cli_index_cluster_name_search(tmp_path, lfw, single_torch_thread, capsys, caplog):
+    """The commands end to end on 5 LFW photos of two people, with a given threshold."""
+    import json
+
+    from facelab.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, numbers in (("Colin_Powell", (1, 2, 3)), ("Serena_Williams", (1, 2))):
+        for n in numbers:
+            src = lfw / "images" / name / f"{name}_{n:04d}.jpg"
+            (photos / src.name).write_bytes(src.read_bytes())
+    lib = str(tmp_path / "lib.db")
+
+    def run(*argv: str):
+        assert main(list(argv)) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert run("index", str(photos), "--library", lib)["faces"] == 5
+    assert main(["cluster", "--library", lib]) == 2  # no threshold calibrated, none given
+    assert "no calibrated threshold" in caplog.text
+    report = run("cluster", "--library", lib, "--threshold", "0.93")
+    assert (report["clusters"], report["clustered_faces"]) == (2, 5)
+    listed = run("people", "--library", lib, "list", "--thumbnails", str(tmp_path / "thumbs"))
+    sizes = {p["id"]: p["faces"] for p in listed["people"]}
+    assert sorted(sizes.values()) == [2, 3]
+    powell = max(sizes, key=sizes.get)
+    assert (tmp_path / "thumbs" / f"{powell}.jpg").read_bytes()[:2] == b"\xff\xd8"
+    assert main(["people", "--library", lib, "name", str(powell), "Colin Powell"]) == 0
+    capsys.readouterr()
+    hits = run("search", "--library", lib, "--person", "Colin Powell")
+    assert sorted(Path(h["path"]).name for h in hits) == [
+        f"Colin_Powell_{n:04d}.jpg" for n in (1, 2, 3)
+    ]
+    probe = lfw / "images" / "Colin_Powell" / "Colin_Powell_0004.jpg"
+    hits = run("search", "--library", lib, "--face", str(probe), "--threshold", "0.93")
+    assert {Path(h["path"]).name for h in hits} == {f"Colin_Powell_{n:04d}.jpg" for n in (1, 2, 3)}
+    assert all(len(h["faces"][0]["box"]) == 4 for h in hits)
+    assert run("people", "--library", lib, "undo")["undone"].startswith("name person")
+    assert main(["people", "--library", lib, "name", "999", "X"]) == 2
+    assert "no person '999'" in caplog.text
+
+
+def test_cluster_warns_when_the_stored_threshold_is_too_loose(library, caplog):
+    from facelab import api
+
+    loose = Threshold(0.9, "test", target_far=0.5, measured_far=0.5, measured_frr=0.0)
+    library.gallery.set_threshold(loose, MODEL)
+    report = api.cluster_people(library.path)
+    assert report.threshold == 0.9
+    assert "expects about 4 false matches per face among 7 faces" in caplog.text
