@@ -415,3 +415,12 @@ def test_a_face_the_frame_cuts_is_aligned_on_the_whole_frame(
     assert set(result.routes) == {"whole_frame"}
     cosines = (result.embeddings * photo_embeddings).sum(axis=1)
     assert cosines.min() > 0.95, np.round(cosines, 3)
+
+
+def test_unreadable_bytes_are_named_without_object_addresses() -> None:
+    """Pillow's reason names its in-memory buffer (`<_io.BytesIO object at 0x...>`): the message
+    names the input instead, and shows no address (the server passes it to clients)."""
+    with pytest.raises(ImageError) as caught:
+        decode_image(b"not an image" * 8, "upload.jpg")
+    message = str(caught.value)
+    assert message.startswith("upload.jpg: not a readable image") and "0x" not in message

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import struct
 from pathlib import Path
@@ -122,6 +123,9 @@ def check_image_array(image: np.ndarray, name: str) -> np.ndarray:
     return image
 
 
+_BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 def decode_image(
     data: bytes, name: str = "<bytes>", max_pixels: int = MAX_PIXELS, max_side: int | None = None
 ) -> np.ndarray:
@@ -144,7 +148,8 @@ def decode_image(
     except Image.DecompressionBombError as exc:  # Pillow's own limit, checked on open
         raise ImageTooLarge(f"{name}: {exc}") from exc
     except _DECODE_ERRORS as exc:
-        raise ImageError(f"{name}: not a readable image ({exc})") from exc
+        reason = _BUFFER_REPR.sub("", str(exc))  # Pillow names its in-memory buffer object
+        raise ImageError(f"{name}: not a readable image ({reason})") from exc
     return check_image_array(image, name)
 
 

@@ -5,8 +5,10 @@ a gigabyte. So each request is held to
 
 - a pixel budget: the pixels all its images declare (read from their headers, before any is
   decoded) may not exceed `max_request_pixels` (413);
-- a working size: each image is decoded, then reduced so that its longer side is at most
-  `max_side` before detection (boxes are reported in the original image's pixels);
+- a working size: each image is decoded straight to a longer side of at most `max_side`
+  (`decode_image(max_side=...)`: JPEG draft mode, whole-factor reduction, then a resize), so
+  detection never sees, and memory never holds, the full size (boxes are reported in the
+  original image's pixels);
 - a face cap: at most `max_faces` faces per image are aligned and embedded (the main faces,
   in `face_order`);
 - a time limit: past `seconds`, the request stops at its next stage (decoding an image,
@@ -72,35 +74,21 @@ class Decoded:
         return None if box is None else tuple(v / self.scale for v in box)
 
 
-def declared_pixels(upload: Upload) -> int:
-    """Width x height from the image header (no decoding); 0 when unreadable (decoding then
-    names the fault)."""
+def declared_size(upload: Upload) -> tuple[int, int]:
+    """(width, height) from the image header (no decoding); (0, 0) when unreadable (decoding
+    then names the fault)."""
     try:
         with Image.open(io.BytesIO(upload.data)) as img:
-            return img.width * img.height
+            return img.width, img.height
     except Exception:  # any fault is reported by decode_image next
-        return 0
-
-
-def working_size(image: np.ndarray, max_side: int) -> Decoded:
-    """`image` reduced so that its longer side is at most `max_side`: box-filter reduction by
-    a whole factor first (cheap), then a bilinear resize to the exact size."""
-    h, w = image.shape[:2]
-    if max(h, w) <= max_side:
-        return Decoded(image, 1.0)
-    scale = max_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    img = Image.fromarray(image)
-    factor = int(1 / scale)
-    if factor >= 2:
-        img = img.reduce(factor)
-    return Decoded(np.asarray(img.resize(size, Image.Resampling.BILINEAR)), size[0] / w)
+        return 0, 0
 
 
 def decode_uploads(uploads: Sequence[Upload], limits: WorkLimits) -> list[Decoded]:
     """The uploads decoded at working size, within the per-image and per-request pixel limits
     (413) and the time limit; an undecodable image is 422 naming its field and file."""
-    total = sum(declared_pixels(u) for u in uploads)
+    sizes = [declared_size(u) for u in uploads]
+    total = sum(w * h for w, h in sizes)
     if total > limits.max_request_pixels:
         raise ApiError(
             413,
@@ -109,14 +97,13 @@ def decode_uploads(uploads: Sequence[Upload], limits: WorkLimits) -> list[Decode
             f"{limits.max_request_pixels} pixel limit of one request",
         )
     decoded = []
-    for upload in uploads:
+    for upload, declared in zip(uploads, sizes, strict=True):
         check_deadline(f"decoding {upload.field}")
-        try:
-            image = decode_image(upload.data, upload.filename, limits.max_pixels)
+        try:  # decoded straight to working size: a large JPEG is never held at full size
+            image = decode_image(upload.data, upload.filename, limits.max_pixels, limits.max_side)
         except ImageTooLarge as exc:
             raise ApiError(413, "image_too_large", str(exc)) from None
         except ImageError as exc:
             raise ApiError(422, "invalid_image", str(exc)) from None
-        decoded.append(working_size(image, limits.max_side))
-        del image
+        decoded.append(Decoded(image, max(image.shape[:2]) / max(max(declared), 1)))
     return decoded
