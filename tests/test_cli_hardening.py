@@ -592,7 +592,7 @@ def test_embed_stops_at_a_bad_file_unless_told_to_skip(
     assert report["images"] == 3
     with np.load(out) as data:
         assert list(data["paths"]) == [str(p) for p in good]
-        assert data["embeddings"].shape == (3, 32) and data["no_face"].shape == (3,)
+        assert data["embeddings"].shape == (3, 32) and data["routes"].shape == (3,)
     alone = api.embed(api.load_model(str(checkpoint)), good)
     with np.load(out) as data:
         np.testing.assert_allclose(data["embeddings"], alone, atol=1e-5)

@@ -110,9 +110,13 @@ def backbone_summary(name: str) -> ModelSummary:
 
 
 def detector_summary(name: str) -> ModelSummary:
-    """MTCNN's cost depends on the image and on how many candidates survive each stage: counted
-    here as P-Net over the whole pyramid of a 250x250 image plus R-Net and O-Net on one
-    candidate each (the least a one-face image costs)."""
+    """A detector's cost depends on the image. MTCNN's is counted as P-Net over the whole
+    pyramid of a 250x250 image plus R-Net and O-Net on one candidate each (the least a one-face
+    image costs); a single-shot detector's (BlazeFace) as one pass of its network at its input
+    size, counted by torch's FlopCounterMode, since the converted graph runs its 1x1
+    convolutions as matrix products, which forward hooks on convolutions do not see."""
+    if name != "mtcnn":  # the one cascade detector
+        return _single_shot_summary(name)
     net = DETECTORS.create(name, pretrained=False).eval()
     flops = 0
     for scale in net._scales(DETECTOR_IMAGE, DETECTOR_IMAGE):
@@ -132,6 +136,26 @@ def detector_summary(name: str) -> ModelSummary:
             f"a {DETECTOR_IMAGE}x{DETECTOR_IMAGE} image: P-Net pyramid + R-Net and O-Net on "
             "one candidate each"
         ),
+        **_card_fields(name),
+    )
+
+
+def _single_shot_summary(name: str) -> ModelSummary:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = DETECTORS.create(name)
+    size = net.variant.input_size
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net.network(torch.zeros(1, 3, size, size))
+    return ModelSummary(
+        name=name,
+        kind="detector",
+        input=f"any RGB image, letterboxed to {size}x{size}",
+        alignment=None,
+        embedding_dim=None,
+        parameters=_parameters(net),
+        gflops=counter.get_total_flops() / 1e9,
+        gflops_counted_on=f"one {size}x{size} network pass",
         **_card_fields(name),
     )
 
