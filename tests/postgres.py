@@ -86,46 +86,22 @@ class Cluster:
             raise ClusterUnavailable(f"{tool} failed: {done.stderr.strip()[-400:]}")
         return done
 
-    def _options(self) -> str:
+    def _ctl(self, *action: str, check: bool = True) -> subprocess.CompletedProcess:
+        """`pg_ctl` on this cluster with its log and server options, waiting up to 60 s."""
         sockets = f"-c unix_socket_directories={self.root}"
-        return f"-c listen_addresses=127.0.0.1 -c port={self.port} {sockets}"
+        options = f"-c listen_addresses=127.0.0.1 -c port={self.port} {sockets}"
+        common = ["-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60"]
+        return self._run("pg_ctl", *common, *action, check=check)
 
     def start(self) -> None:
-        done = self._run(
-            "pg_ctl",
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.log),
-            "-o",
-            self._options(),
-            "-w",
-            "-t",
-            "60",
-            "start",
-            check=False,
-        )
+        done = self._ctl("start", check=False)
         if done.returncode != 0:
             log = self.log.read_text()[-600:] if self.log.exists() else ""
             raise ClusterUnavailable(f"pg_ctl start failed: {done.stderr.strip()} {log}")
 
     def restart(self) -> None:
         """`pg_ctl restart -m fast`: every open connection is closed by the server."""
-        self._run(
-            "pg_ctl",
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.log),
-            "-o",
-            self._options(),
-            "-m",
-            "fast",
-            "-w",
-            "-t",
-            "60",
-            "restart",
-        )
+        self._ctl("-m", "fast", "restart")
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)

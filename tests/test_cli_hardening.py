@@ -268,6 +268,19 @@ def test_broken_yaml_config_names_file_and_line(
     assert line.startswith(str(tmp_path / message)), line
 
 
+def test_a_yaml_key_that_is_not_a_name_is_an_unknown_option(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`null: 5` is YAML for {None: 5}: named as an unknown option, not a TypeError from sorting or
+    joining it with the option names (found by test_fuzz_parsing)."""
+    config = tmp_path / "odd.yaml"
+    config.write_text("epochs: 2\nnull: 5\n")
+    argv = ["train", "--config", str(config), "--data", str(tmp_path), "--out", str(tmp_path)]
+    assert main(argv) == 2
+    (line,) = error_lines(caplog)
+    assert line == f"{config}: unknown training option(s): None", line
+
+
 # -- 9 and --threshold nan: option ranges -----------------------------------------------------
 
 

@@ -189,8 +189,9 @@ async def read_body(request: Request, max_bytes: int, seconds: float) -> bytes:
                 body += chunk
                 if len(body) > max_bytes:
                     raise ApiError(413, "payload_too_large", f"request body over {max_bytes} bytes")
-    except TimeoutError:
-        raise ApiError(408, "request_timeout", f"body not received within {seconds:g} s") from None
+    except TimeoutError:  # the rest of the body may still come: the connection cannot be reused
+        detail = f"body not received within {seconds:g} s"
+        raise ApiError(408, "request_timeout", detail, {"Connection": "close"}) from None
     return bytes(body)
 
 

@@ -226,9 +226,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted((key for key in data if key not in known), key=str)  # None: a YAML `:`
         if unknown:
-            raise ValueError(f"{source}: unknown training option(s): {', '.join(unknown)}")
+            names = ", ".join(map(str, unknown))
+            raise ValueError(f"{source}: unknown training option(s): {names}")
         try:
             return cls(**data)
         except ValueError as exc:

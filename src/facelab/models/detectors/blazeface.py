@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from facelab.data.align import ARCFACE_TEMPLATE_112
 from facelab.models.converters.tflite_reader import TfliteError, load_tflite
-from facelab.models.detectors.mtcnn import Detections
+from facelab.models.detectors.mtcnn import Detections, check_detector_input
 from facelab.models.registry import DETECTORS
 
 logger = logging.getLogger(__name__)
@@ -230,21 +230,7 @@ class BlazeFace(nn.Module):
     @torch.inference_mode()
     def detect(self, images: Sequence[np.ndarray]) -> list[KeypointDetections]:
         """Detect faces in RGB uint8 (H, W, 3) images; one `KeypointDetections` per image."""
-        if isinstance(images, np.ndarray) and images.ndim != 4:
-            raise ValueError(
-                f"detect takes a sequence of (H, W, 3) images, not an array of shape "
-                f"{images.shape}; wrap a single image as [image]"
-            )
-        for k, image in enumerate(images):
-            if not (
-                isinstance(image, np.ndarray)
-                and image.dtype == np.uint8
-                and image.ndim == 3
-                and image.shape[2] == 3
-                and min(image.shape[:2]) > 0
-            ):
-                got = (image.dtype, image.shape) if isinstance(image, np.ndarray) else image
-                raise ValueError(f"image {k}: expected RGB uint8 (H, W, 3) array, got {got!r:.80}")
+        check_detector_input(images)
         results: list[KeypointDetections] = []
         for start in range(0, len(images), MAX_BATCH):
             chunk = images[start : start + MAX_BATCH]

@@ -336,6 +336,27 @@ def _crops(integral: Tensor, boxes: Tensor, image_idx: Tensor, size: int) -> tup
     return crops.permute(0, 3, 1, 2), ok
 
 
+def check_detector_input(images: Sequence[np.ndarray]) -> None:
+    """What every detector's `detect` takes: a sequence of non-empty RGB uint8 (H, W, 3)
+    arrays (a (B, H, W, 3) array counts as B images); anything else is a ValueError naming
+    the image."""
+    if isinstance(images, np.ndarray) and images.ndim != 4:
+        raise ValueError(
+            f"detect takes a sequence of (H, W, 3) images, not an array of shape "
+            f"{images.shape}; wrap a single image as [image]"
+        )
+    for k, image in enumerate(images):
+        if not (
+            isinstance(image, np.ndarray)
+            and image.dtype == np.uint8
+            and image.ndim == 3
+            and image.shape[2] == 3
+            and min(image.shape[:2]) > 0
+        ):
+            got = (image.dtype, image.shape) if isinstance(image, np.ndarray) else image
+            raise ValueError(f"image {k}: expected RGB uint8 (H, W, 3) array, got {got!r:.80}")
+
+
 class MTCNN(nn.Module):
     """The three-stage cascade; `detect` maps RGB uint8 images to per-image `Detections`.
 
@@ -385,21 +406,9 @@ class MTCNN(nn.Module):
         Images of equal size go through the networks as one batch, which is much faster per
         image than one at a time; a (B, H, W, 3) array is taken as B images.
         """
-        if isinstance(images, np.ndarray) and images.ndim != 4:
-            raise ValueError(
-                f"detect takes a sequence of (H, W, 3) images, not an array of shape "
-                f"{images.shape}; wrap a single image as [image]"
-            )
+        check_detector_input(images)
         by_size: dict[tuple[int, int], list[int]] = {}
         for k, image in enumerate(images):
-            if not (
-                isinstance(image, np.ndarray)
-                and image.dtype == np.uint8
-                and image.ndim == 3
-                and image.shape[2] == 3
-            ):
-                got = (image.dtype, image.shape) if isinstance(image, np.ndarray) else image
-                raise ValueError(f"image {k}: expected RGB uint8 (H, W, 3) array, got {got!r:.80}")
             by_size.setdefault(image.shape[:2], []).append(k)
         device = self.pnet.conv1.weight.device
         results: dict[int, Detections] = {}
