@@ -115,47 +115,38 @@ def detector_summary(name: str) -> ModelSummary:
     image costs); a single-shot detector's (BlazeFace) as one pass of its network at its input
     size, counted by torch's FlopCounterMode, since the converted graph runs its 1x1
     convolutions as matrix products, which forward hooks on convolutions do not see."""
-    if name != "mtcnn":  # the one cascade detector
-        return _single_shot_summary(name)
-    net = DETECTORS.create(name, pretrained=False).eval()
-    flops = 0
-    for scale in net._scales(DETECTOR_IMAGE, DETECTOR_IMAGE):
-        side = math.ceil(DETECTOR_IMAGE * scale)
-        flops += count_flops(net.pnet, (1, 3, side, side))[0]
-    flops += count_flops(net.rnet, (1, 3, 24, 24))[0]
-    flops += count_flops(net.onet, (1, 3, 48, 48))[0]
+    if name == "mtcnn":  # the one cascade detector
+        net = DETECTORS.create(name, pretrained=False).eval()
+        flops = 0
+        for scale in net._scales(DETECTOR_IMAGE, DETECTOR_IMAGE):
+            side = math.ceil(DETECTOR_IMAGE * scale)
+            flops += count_flops(net.pnet, (1, 3, side, side))[0]
+        flops += count_flops(net.rnet, (1, 3, 24, 24))[0]
+        flops += count_flops(net.onet, (1, 3, 48, 48))[0]
+        accepts = f"any RGB image; faces from {net.min_face_size:g} px"
+        counted_on = (
+            f"a {DETECTOR_IMAGE}x{DETECTOR_IMAGE} image: P-Net pyramid + R-Net and O-Net on "
+            "one candidate each"
+        )
+    else:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        net = DETECTORS.create(name)
+        size = net.variant.input_size
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            net.network(torch.zeros(1, 3, size, size))
+        flops = counter.get_total_flops()
+        accepts = f"any RGB image, letterboxed to {size}x{size}"
+        counted_on = f"one {size}x{size} network pass"
     return ModelSummary(
         name=name,
         kind="detector",
-        input=f"any RGB image; faces from {net.min_face_size:g} px",
+        input=accepts,
         alignment=None,
         embedding_dim=None,
         parameters=_parameters(net),
         gflops=flops / 1e9,
-        gflops_counted_on=(
-            f"a {DETECTOR_IMAGE}x{DETECTOR_IMAGE} image: P-Net pyramid + R-Net and O-Net on "
-            "one candidate each"
-        ),
-        **_card_fields(name),
-    )
-
-
-def _single_shot_summary(name: str) -> ModelSummary:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    net = DETECTORS.create(name)
-    size = net.variant.input_size
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net.network(torch.zeros(1, 3, size, size))
-    return ModelSummary(
-        name=name,
-        kind="detector",
-        input=f"any RGB image, letterboxed to {size}x{size}",
-        alignment=None,
-        embedding_dim=None,
-        parameters=_parameters(net),
-        gflops=counter.get_total_flops() / 1e9,
-        gflops_counted_on=f"one {size}x{size} network pass",
+        gflops_counted_on=counted_on,
         **_card_fields(name),
     )
 
