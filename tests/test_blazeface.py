@@ -280,6 +280,14 @@ def test_with_detector_changes_the_model_fingerprint() -> None:
         with_detector(model, "no_such_detector")
 
 
+def test_with_detector_keeps_the_models_operating_points() -> None:
+    """A pretrained model asked for BlazeFace still decides out of the box (`facelab serve
+    --model dlib_resnet --detector blazeface` answered identify with "no threshold known")."""
+    model = FaceModel.create("dlib_resnet", pretrained=True)
+    assert model.operating_points
+    assert with_detector(model, "blazeface").operating_points == model.operating_points
+
+
 def test_pipeline_uses_the_detector_the_preprocessing_names(
     lfw: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -50,7 +50,9 @@ def with_detector(model: FaceModel, detector: str | None) -> FaceModel:
 
     The detector is part of the preprocessing, so of the fingerprint (except the default,
     MTCNN): a gallery built with one detector refuses embeddings made with another. A model
-    whose fingerprint is frozen (ONNX file, traced fast path) gets one derived from it."""
+    whose fingerprint is frozen (ONNX file, traced fast path) gets one derived from it. The
+    operating points stay: they are the embedding network's (calibrated with MTCNN's faces;
+    BlazeFace's alignment measured the same LFW accuracy, docs/detectors.md)."""
     if detector is None or detector == model.preprocess.detector:
         return model
     DETECTORS.get(detector)  # an unknown name fails here, listing the known ones
@@ -58,7 +60,9 @@ def with_detector(model: FaceModel, detector: str | None) -> FaceModel:
     if frozen is not None:
         frozen = hashlib.sha256(f"{frozen}|detector={detector}".encode()).hexdigest()[:16]
     spec = replace(model.preprocess, detector=detector)
-    changed = type(model)(model.backbone, spec, model.name, model.kwargs, frozen)
+    changed = type(model)(
+        model.backbone, spec, model.name, model.kwargs, frozen, model.operating_points
+    )
     return changed.train(model.training)
 
 

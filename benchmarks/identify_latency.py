@@ -1,0 +1,107 @@
+"""Latency of one `/v1/identify` request: a 640x480 photo with one face, MTCNN beside BlazeFace.
+
+Starts one `facelab serve --model dlib_resnet` per detector on loopback (its own gallery, one
+person enrolled from three LFW photos), then sends the probe photo (a real LFW face pasted into
+a 640x480 grey frame, JPEG) to the servers in turn, one request at a time, so both see the same
+moments of the machine. Prints p50/p95/p99 per detector and checks every answer names the
+enrolled person. Bounded: `--requests` per server, then both servers are stopped.
+
+    python benchmarks/identify_latency.py [--requests 100] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from load_test import SHARED, start_server
+from PIL import Image
+
+from facelab.fileio import atomic_write_text
+
+log = logging.getLogger("identify_latency")
+PERSON = "George_W_Bush"
+DETECTORS = ("mtcnn", "blazeface")
+
+
+def lfw_photo(number: int) -> Path:
+    return SHARED / "data/lfw/images" / PERSON / f"{PERSON}_{number:04d}.jpg"
+
+
+def probe_photo() -> bytes:
+    """A real face in a 640x480 frame (off centre), as a phone or webcam would send it."""
+    frame = Image.new("RGB", (640, 480), (118, 118, 118))
+    frame.paste(Image.open(lfw_photo(10)).convert("RGB"), (300, 150))
+    out = io.BytesIO()
+    frame.save(out, "JPEG", quality=92)
+    return out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=100, help="per server")
+    parser.add_argument("--threads", type=int, default=2, help="each server's OMP_NUM_THREADS")
+    parser.add_argument("--out", default="runs/identify_latency.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    probe = probe_photo()
+    servers = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for detector in DETECTORS:
+                folder = Path(tmp) / detector
+                folder.mkdir()
+                process, url, key = start_server(
+                    "dlib_resnet", 8, args.threads, folder, "rw", ("--detector", detector)
+                )
+                servers[detector] = (process, httpx.Client(base_url=url, timeout=120,
+                                                           headers={"X-API-Key": key}))  # fmt: skip
+                files = [("images", (f"{n}.jpg", lfw_photo(n).read_bytes())) for n in (1, 2, 3)]
+                reply = servers[detector][1].post("/v1/enroll", data={"name": PERSON}, files=files)
+                reply.raise_for_status()
+            latencies: dict[str, list[float]] = {d: [] for d in DETECTORS}
+            for n in range(args.requests + 5):  # the first 5 rounds warm up
+                for detector in DETECTORS:
+                    client = servers[detector][1]
+                    tick = time.perf_counter()
+                    reply = client.post("/v1/identify", files={"image": ("probe.jpg", probe)})
+                    seconds = time.perf_counter() - tick
+                    if reply.status_code != 200:
+                        raise RuntimeError(f"{detector}: {reply.status_code} {reply.text[:300]}")
+                    (face,) = reply.json()["faces"]
+                    if face["identity"] != PERSON:
+                        raise RuntimeError(f"{detector}: the probe was answered {face['identity']}")
+                    if n >= 5:
+                        latencies[detector].append(1000 * seconds)
+        finally:
+            for process, client in servers.values():
+                client.close()
+                process.terminate()
+                process.wait(timeout=30)
+    rows = []
+    for detector in DETECTORS:
+        ms = np.asarray(latencies[detector])
+        rows.append(
+            {
+                "detector": detector,
+                "requests": len(ms),
+                **{f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)},
+            }
+        )
+    print("| detector | requests | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['detector']} | {r['requests']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} |"
+        )
+    atomic_write_text(args.out, json.dumps({"threads": args.threads, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
