@@ -77,6 +77,7 @@ from facelab.pipeline import (
     ImageLike,
     detected_points,
     face_points,
+    image_name,
     locate_faces,
     make_detector,
 )
@@ -104,13 +105,19 @@ class Face:
     route: str = DETECTED  # how the face was found (facelab.pipeline.ROUTES)
 
 
+def array_sha256(image: np.ndarray) -> str:
+    """The sha256 a gallery row stores for an image enrolled as an array (its pixels)."""
+    return hashlib.sha256(image.tobytes()).hexdigest()
+
+
 def _load(item: ImageLike, index: int) -> tuple[str, str, np.ndarray]:
     """(name, content sha256, RGB image); a missing or corrupt file raises ImageError."""
+    name = image_name(item, index)
     if isinstance(item, np.ndarray):
-        image = check_image_array(item, f"<array {index}>")
-        return f"<array {index}>", hashlib.sha256(image.tobytes()).hexdigest(), image
+        image = check_image_array(item, name)
+        return name, array_sha256(image), image
     data = read_image_bytes(item)
-    return str(item), hashlib.sha256(data).hexdigest(), decode_image(data, str(item))
+    return name, hashlib.sha256(data).hexdigest(), decode_image(data, name)
 
 
 def find_faces(

@@ -11,7 +11,6 @@ gallery and keep folder.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import uuid
@@ -23,17 +22,13 @@ import numpy as np
 from facelab.data.folders import IMAGE_SUFFIXES
 from facelab.fileio import atomic_write
 from facelab.gallery import GalleryStore
+from facelab.gallery.service import array_sha256
 from facelab.serve.inputs import Upload
 
 log = logging.getLogger(__name__)
 
 PENDING = ".pending-"
 SHA_CHARS = 24  # of the 64 hex digits: enough to tell photos apart, short enough to read
-
-
-def image_sha(image: np.ndarray) -> str:
-    """The sha256 the gallery stores for an image enrolled as an array (`find_faces`)."""
-    return hashlib.sha256(image.tobytes()).hexdigest()
 
 
 def write_pending(
@@ -46,7 +41,7 @@ def write_pending(
     for image, upload in zip(images, uploads, strict=True):
         suffix = Path(upload.filename).suffix.lower()
         suffix = suffix if suffix in IMAGE_SUFFIXES else ".img"
-        path = folder / f"{PENDING}{request}-{image_sha(image)[:SHA_CHARS]}{suffix}"
+        path = folder / f"{PENDING}{request}-{array_sha256(image)[:SHA_CHARS]}{suffix}"
         if path not in written:  # the same photo twice in one request: kept once
             atomic_write(path, lambda fh, data=upload.data: fh.write(data))
             written.append(path)
