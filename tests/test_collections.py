@@ -447,3 +447,27 @@ def test_cluster_warns_when_the_stored_threshold_is_too_loose(library, caplog):
     report = api.cluster_people(library.path)
     assert report.threshold == 0.9
     assert "expects about 4 false matches per face among 7 faces" in caplog.text
+
+
+def test_index_skips_a_fifo_instead_of_hanging(tmp_path, model):
+    """A FIFO named like a photo is reported unreadable; read as a file it would block forever
+    (the run goes in a daemon thread given 60 s, so a regression fails instead of hanging)."""
+    import threading
+
+    from facelab.collections.indexer import index_folder
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    os.mkfifo(photos / "stuck.jpg")
+    reports = []
+
+    def run() -> None:  # the library's connection belongs to the thread that opens it
+        with Library(tmp_path / "lib.db", create=True) as lib:
+            reports.append(index_folder(lib, model, photos, progress=False))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "indexing blocked on the FIFO"
+    (report,) = reports
+    assert report.unreadable == [os.path.abspath(photos / "stuck.jpg")] and report.faces == 0

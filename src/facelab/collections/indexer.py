@@ -27,7 +27,7 @@ from tqdm import tqdm
 from facelab.collections.library import FileState, IndexedFace, IndexedFile, Library
 from facelab.collections.quality import face_quality
 from facelab.data.folders import list_images
-from facelab.data.images import ImageError, decode_image
+from facelab.data.images import ImageError, decode_image, read_image_bytes
 from facelab.gallery.store import ModelInfo
 from facelab.models.detectors.mtcnn import Detections, face_order
 from facelab.models.face_model import FaceModel
@@ -91,10 +91,10 @@ def _state(path: Path) -> FileState:
 def _load(path: str) -> _Loaded:
     """Stat, hash and decode one photo, reading its bytes once."""
     p = Path(path)
-    try:
+    try:  # regular files only, size-capped: a FIFO named .jpg must not hang the run
         state = _state(p)
-        data = p.read_bytes()
-    except OSError as exc:  # gone or unreadable since the folder was listed
+        data = read_image_bytes(p)
+    except (OSError, ImageError) as exc:  # gone or unreadable since the folder was listed
         log.warning("%s: cannot read (%s), skipped", path, exc)
         return _Loaded(path, None, None)
     try:
