@@ -521,9 +521,14 @@ def _serve(args: argparse.Namespace) -> None:
     from facelab.serve.app import ServeConfig, run
     from facelab.serve.security import ApiKeys
 
+    if args.library is not None:  # the library file is the served gallery too
+        if not Path(args.library).is_file():
+            raise SystemExit(f"{args.library}: no library (facelab index PHOTOS --library FILE)")
+        args.gallery = args.library
     source = _model_source(args)
     config = ServeConfig(
         gallery=args.gallery,
+        library=args.library is not None,
         keys=ApiKeys() if args.insecure_local else ApiKeys.load(args.keys_file),
         insecure_local=args.insecure_local,
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
@@ -582,7 +587,12 @@ def _add_deployment_commands(sub: Any) -> None:
         help="HTTP API and browser page over a gallery (keys: FACELAB_API_KEYS or --keys-file)",
         parents=[_model_option()],
     )
-    p.add_argument("--gallery", default="gallery.db", help=GALLERY_HELP)
+    served = p.add_mutually_exclusive_group()
+    served.add_argument("--gallery", default="gallery.db", help=GALLERY_HELP)
+    served.add_argument(
+        "--library",
+        help="a photo library (facelab index): served as the gallery, with its People view",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--keys-file", help="file of ROLE:KEY lines (ro or rw), instead of the env var")

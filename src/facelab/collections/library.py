@@ -86,6 +86,10 @@ class LibraryError(GalleryError):
     """A library operation was refused; the message names the library file and what."""
 
 
+class LibraryNotFound(LibraryError):
+    """No such person or face in the library (the server answers 404, not 422)."""
+
+
 @dataclass(frozen=True)
 class IndexedFace:
     """One face found in a photo, ready to store."""
@@ -135,6 +139,7 @@ class Library:
 
     def __init__(self, path: str | Path, create: bool = False, timeout: float = 60.0) -> None:
         self.path = str(path)
+        self._create = create
         try:
             self.gallery = GalleryStore(self.path, create=create, timeout=timeout)
         except GalleryError as exc:
@@ -147,19 +152,34 @@ class Library:
             raise
 
     def _open_schema(self) -> None:
-        with self.write() as db:
-            exists = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'lib_meta'").fetchone()
-            if not exists:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute("INSERT INTO lib_meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        """Readers take no write lock; a gallery without the library's tables gets them only
+        with `create` (opening is never what turns a plain gallery into a library)."""
+        if not self._has_schema(self._conn):
+            if not self._create:
+                raise LibraryError(
+                    f"{self.path}: a gallery, not a library (index photos into it first: "
+                    "facelab index PHOTOS --library FILE)"
+                )
+            with self.write() as db:
+                if not self._has_schema(db):
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(
+                        "INSERT INTO lib_meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+                    )
         version = int(self.meta("schema_version") or 0)
         if version != SCHEMA_VERSION:
             raise LibraryError(
                 f"{self.path}: library schema version {version}, this facelab reads "
                 f"{SCHEMA_VERSION}; use a matching facelab or index into a new library file"
             )
+
+    @staticmethod
+    def _has_schema(db: sqlite3.Connection) -> bool:
+        return (
+            db.execute("SELECT 1 FROM sqlite_master WHERE name = 'lib_meta'").fetchone() is not None
+        )
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -294,7 +314,7 @@ class Library:
             "SELECT thumbnail FROM lib_faces WHERE id = ?", (face_id,)
         ).fetchone()
         if row is None:
-            raise LibraryError(f"{self.path}: no face {face_id}")
+            raise LibraryNotFound(f"{self.path}: no face {face_id}")
         return row[0]
 
     def face_details(self, face_id: int) -> dict[str, Any]:
@@ -305,7 +325,7 @@ class Library:
             (face_id,),
         ).fetchone()
         if row is None:
-            raise LibraryError(f"{self.path}: no face {face_id}")
+            raise LibraryNotFound(f"{self.path}: no face {face_id}")
         return {
             "id": face_id,
             "path": row[0],

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from facelab.collections.cluster import ClusterConfig, cluster_embeddings
-from facelab.collections.library import FaceTable, Library, LibraryError
+from facelab.collections.library import FaceTable, Library, LibraryError, LibraryNotFound
 from facelab.gallery.search import build_index
 from facelab.gallery.store import EnrolledFace, Threshold
 
@@ -136,13 +136,13 @@ def person_id(library: Library, ref: str | int) -> int:
         rows = library.query("SELECT id FROM lib_people WHERE name = ?", (ref,))
     row = rows[0] if rows else None
     if row is None:
-        raise LibraryError(f"{library.path}: no person {ref!r}")
+        raise LibraryNotFound(f"{library.path}: no person {ref!r}")
     return int(row[0])
 
 
 def _check_face(library: Library, face_id: int) -> None:
     if not library.query("SELECT 1 FROM lib_faces WHERE id = ?", (face_id,)):
-        raise LibraryError(f"{library.path}: no face {face_id}")
+        raise LibraryNotFound(f"{library.path}: no face {face_id}")
 
 
 def representative(table: FaceTable, rows: np.ndarray) -> int:

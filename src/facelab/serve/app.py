@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from facelab.collections.library import Library, LibraryError, LibraryNotFound
 from facelab.data.images import ImageError
 from facelab.gallery import (
     GalleryError,
@@ -60,8 +61,9 @@ from facelab.models.preprocess import LANDMARK_ALIGNMENTS
 from facelab.pipeline import ROUTES, make_detector
 from facelab.serve import kept
 from facelab.serve.batching import BatchedDetector, BatchedFaceModel
-from facelab.serve.inputs import ApiError, BodySpec, ImageField, Upload
+from facelab.serve.inputs import NAME_PATTERN, ApiError, BodySpec, ImageField, Upload
 from facelab.serve.limits import Decoded, WorkLimits, deadline, decode_uploads
+from facelab.serve.people import add_people_routes
 from facelab.serve.security import (
     LOOPBACK_HOSTS,
     ApiKeys,
@@ -74,9 +76,6 @@ from facelab.serve.security import (
 
 log = logging.getLogger(__name__)
 
-# Identity names: letters, digits, space, _ . ' - ; starting and ending with a letter, digit or
-# one of _ . ' (so never "", ".", "..", a path separator or surrounding blanks).
-NAME_PATTERN = r"^\w(?:[\w .'-]{0,98}[\w.'-])?$"
 NoFace = Literal["error", "skip", "whole_frame", "centre"]
 Similarity = Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
 Far = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
@@ -87,6 +86,7 @@ class ServeConfig:
     """What the server needs besides the model; the defaults suit a small deployment."""
 
     gallery: backends.GalleryAddress  # a file, or postgresql://... shared by several replicas
+    library: bool = False  # the gallery file is a photo library: serve its People routes too
     keys: ApiKeys = ApiKeys()
     insecure_local: bool = False  # no key needed; `run` then binds 127.0.0.1 only
     max_upload_bytes: int = 10 * 1024 * 1024
@@ -277,6 +277,9 @@ class InfoOut(BaseModel):
     limits: dict[str, int | float]
     thresholds: list[ThresholdOut]
     gallery: dict[str, Any]  # backend, revision served, stale (and since when, why)
+    library: dict[str, int] | None = Field(
+        None, description="the served photo library's counts (null: no library, no People view)"
+    )
 
 
 class HealthOut(BaseModel):
@@ -286,7 +289,7 @@ class HealthOut(BaseModel):
 ERRORS = {
     401: "no API key, or an unknown one",
     403: "a read-only key on a write endpoint, or a request made by a page of another site",
-    404: "no such identity",
+    404: "no such identity, person or face, or no library served",
     408: "the body did not arrive in time",
     409: "the name is already enrolled",
     413: "body over the upload limit, or images over the pixel limits",
@@ -369,6 +372,11 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         )
     info = ModelInfo.of(served)
     keep_dir = config.keep_dir or _default_keep_dir(config.gallery)
+    if config.library:
+        if is_postgres_address(config.gallery):
+            raise LibraryError("a photo library is a file, not a database address")
+        with Library(config.gallery) as lib:  # refuses a missing file or a plain gallery
+            lib.bind_model(info, config.model_source)  # and a model other than the library's
     with backends.open_store(config.gallery, create=True) as store:
         store.check_model(info)
         if config.model_source:
@@ -399,6 +407,16 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     def open_store(create: bool = False) -> GalleryStore:
         """The gallery, waiting at most `busy_seconds` for another writer (then 503)."""
         return backends.open_store(config.gallery, create=create, timeout=config.busy_seconds)
+
+    def open_library() -> Library:
+        """The served library, waiting at most `busy_seconds` for another writer (then 503)."""
+        if not config.library:
+            raise ApiError(
+                404,
+                "no_library",
+                "this server serves no photo library (start it with facelab serve --library FILE)",
+            )
+        return Library(config.gallery, timeout=config.busy_seconds)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -462,6 +480,10 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     async def _busy(_: Request, exc: GalleryBusy) -> JSONResponse:
         detail = "gallery busy: another process is writing to it; try again shortly"
         return error(503, "gallery_busy", detail, {"Retry-After": "1"})
+
+    @app.exception_handler(LibraryNotFound)
+    async def _not_found(_: Request, exc: LibraryNotFound) -> JSONResponse:
+        return error(404, "not_found", str(exc))
 
     @app.exception_handler(GalleryConflict)
     async def _conflict(_: Request, exc: GalleryConflict) -> JSONResponse:
@@ -561,6 +583,10 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         }
         if detector is not None:
             batching["detect"] = detector.queue.stats.to_dict()
+        library = None
+        if config.library:
+            with open_library() as lib:
+                library = lib.stats()
         return InfoOut(
             model=info.name,
             fingerprint=info.fingerprint,
@@ -571,6 +597,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             limits=limits,
             thresholds=thresholds,
             gallery=asdict(replica.status()),
+            library=library,
         )
 
     @app.post("/v1/embed", response_model=EmbedOut, dependencies=[read], **operation(EMBED))
@@ -791,6 +818,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             shutil.rmtree(folder)
         return RemovedOut(removed=name, images=images, files=files)
 
+    add_people_routes(app, open_library, read, write, _responses, replica.catch_up)
     return app
 
 

@@ -29,6 +29,9 @@ JSON = "application/json"
 # know the file's type.
 GENERIC_TYPES = ("application/octet-stream", "")
 MAX_FIELDS = 32
+# Identity names: letters, digits, space, _ . ' - ; starting and ending with a letter, digit or
+# one of _ . ' (so never "", ".", "..", a path separator or surrounding blanks).
+NAME_PATTERN = r"^\w(?:[\w .'-]{0,98}[\w.'-])?$"
 # A 12x12 PNG: the documented example of a base64 image (and a real one for API fuzzers).
 EXAMPLE_PNG = (
     "iVBORw0KGgoAAAANSUhEUgAAAAwAAAAMCAIAAADZF8uwAAAAHUlEQVR42mNkYGAQYeDCj1gYRLgYGAigUUX0VgQAHjsHfH"
