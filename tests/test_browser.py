@@ -1,17 +1,25 @@
 """The browser page, end to end in headless Chromium (Debian's, driven by Playwright) against a
 live server with the pretrained dlib ResNet on LFW photos: verify two photos (one uploaded,
-one dropped), enroll two people, identify a third photo; boxes drawn, screenshot saved."""
+one dropped), enroll two people, identify a third photo; boxes drawn, screenshot saved. And the
+People view of a served photo library: contact sheets, naming, merging, moving a face, undo,
+a person's photos, checked through the Python API; screenshot saved."""
 
 from __future__ import annotations
 
 import base64
 import logging
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from people_library import GROUP, build_library, person_of
 from serving import KEYS, RO, RW, live_server
 
+from facelab.collections import people
+from facelab.collections.library import Library
 from facelab.serve import ServeConfig, create_app
 
 sync_api = pytest.importorskip(
@@ -51,19 +59,24 @@ PIXEL = """([selector, x, y]) => {
 }"""
 
 
-def test_page_verifies_enrolls_and_identifies(lfw: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def model() -> Any:
     import facelab
 
     try:
-        model = facelab.load_model("dlib_resnet")
+        return facelab.load_model("dlib_resnet")
     except ModuleNotFoundError as exc:
         pytest.skip(str(exc))
-    powell = sorted((lfw / "images" / "Colin_Powell").glob("*.jpg"))
-    blair = sorted((lfw / "images" / "Tony_Blair").glob("*.jpg"))
-    app = create_app(model, ServeConfig(gallery=tmp_path / "gallery.db", keys=KEYS))
+
+
+@contextmanager
+def open_page(app: Any, profile: Path) -> Iterator[tuple[Any, str, list[str]]]:
+    """The page of a live server running `app`, in a fresh Chromium profile: (page, the
+    server's URL, the JavaScript errors seen). Every request the page makes must go to the
+    server (the page loads nothing from the network)."""
     with live_server(app) as url, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),  # a fresh user-data-dir
+            str(profile),  # a fresh user-data-dir
             executable_path=CHROMIUM,
             args=FLAGS,
             headless=True,
@@ -81,16 +94,36 @@ def test_page_verifies_enrolls_and_identifies(lfw: Path, tmp_path: Path) -> None
             ),
         )
         page.on("pageerror", lambda e: errors.append(str(e)))
+        elsewhere: list[str] = []
+        page.on(
+            "request",
+            lambda r: (
+                None if r.url.startswith((url, "data:", "blob:")) else elsewhere.append(r.url)
+            ),
+        )
         page.goto(url)
+        yield page, url, errors
+        browser.close()
+    assert elsewhere == []
+
+
+def use_key(page: Any, key: str) -> None:
+    page.fill("#key", key)
+    page.dispatch_event("#key", "change")
+
+
+def test_page_verifies_enrolls_and_identifies(lfw: Path, tmp_path: Path, model: Any) -> None:
+    powell = sorted((lfw / "images" / "Colin_Powell").glob("*.jpg"))
+    blair = sorted((lfw / "images" / "Tony_Blair").glob("*.jpg"))
+    app = create_app(model, ServeConfig(gallery=tmp_path / "gallery.db", keys=KEYS))
+    with open_page(app, tmp_path / "profile") as (page, url, errors):
         # a read-only key may verify and identify but not enroll
-        page.fill("#key", RO)
-        page.dispatch_event("#key", "change")
+        use_key(page, RO)
         page.fill("#enroll-name", "Colin Powell")
         page.set_input_files("#file-enroll", str(powell[0]))
         page.click("#enroll-go")
         expect(page.locator("#enroll-result .error")).to_contain_text("403 forbidden")
-        page.fill("#key", RW)
-        page.dispatch_event("#key", "change")
+        use_key(page, RW)
         expect(page.locator("#status")).to_contain_text("dlib_resnet")
         page.fill("#threshold", "0.93")
 
@@ -135,6 +168,81 @@ def test_page_verifies_enrolls_and_identifies(lfw: Path, tmp_path: Path) -> None
         shot = tmp_path / "page.png"
         page.screenshot(path=str(shot), full_page=True)
         log.info("screenshot of the page: %s", shot)
-        browser.close()
+        expect(page.locator("#tab-people")).to_be_hidden()  # a gallery, not a library
+    assert errors == []
+    assert shot.stat().st_size > 10_000
+
+
+def test_people_view_names_merges_moves_and_undoes(lfw: Path, tmp_path: Path, model: Any) -> None:
+    library = build_library(lfw, tmp_path / "library", model)
+    with Library(library) as lib:
+        powell, serena, blair = (
+            person_of(lib, n) for n in ("Colin_Powell", "Serena_Williams", "Tony_Blair")
+        )
+        blair_face = int(people.person_faces(lib, blair).ids[0])
+    app = create_app(model, ServeConfig(gallery=library, library=True, keys=KEYS))
+    with open_page(app, tmp_path / "profile") as (page, _, errors):
+        card = lambda pid: page.locator(f'.person[data-id="{pid}"]')  # noqa: E731
+        # a read-only key sees the people but cannot name them
+        use_key(page, RO)
+        page.click("#tab-people")
+        expect(page.locator(".person")).to_have_count(3)
+        expect(page.locator("#recognise")).to_be_hidden()
+        expect(page.locator(".person").first).to_have_attribute("data-id", str(powell))
+        expect(card(powell).locator(".sheet img")).to_have_count(4)  # largest first
+        expect(card(serena).locator(".sheet img")).to_have_count(3)
+        card(powell).locator(".name-input").fill("Colin Powell")
+        card(powell).locator(".name-save").click()
+        expect(page.locator("#people-result .error")).to_contain_text("403 forbidden")
+
+        # the new key reloads the people: wait for the last contact sheet before typing
+        last = page.locator(".person").last.get_attribute("data-id")
+        with page.expect_response(lambda r: f"/v1/people/{last}/faces" in r.url):
+            use_key(page, RW)
+        expect(page.locator("#people-status")).to_contain_text("0 named, 3 unnamed clusters")
+        card(powell).locator(".name-input").fill("Colin Powell")
+        card(powell).locator(".name-input").press("Enter")
+        expect(page.locator("#people-result")).to_contain_text("named Colin Powell")
+        expect(card(powell)).to_have_class("person named")
+        with Library(library) as lib:
+            assert people.person_id(lib, "Colin Powell") == powell
+            assert [i.name for i in lib.gallery.identities()] == ["Colin Powell"]
+
+        card(serena).locator(".merge-other").select_option(str(blair))
+        card(serena).locator(".merge-go").click()
+        expect(page.locator(".person")).to_have_count(2)
+        expect(card(serena).locator(".sheet img")).to_have_count(6)
+        with Library(library) as lib:
+            assert len(people.person_faces(lib, serena).ids) == 6
+
+        card(serena).locator(f'.sheet img[data-id="{blair_face}"]').click()
+        expect(page.locator("#face-panel")).to_be_visible()
+        expect(page.locator("#face-about")).to_contain_text(f"face {blair_face} of person {serena}")
+        page.select_option("#move-target", str(powell))
+        page.click("#move-go")
+        expect(card(powell).locator(".sheet img")).to_have_count(5)
+        with Library(library) as lib:
+            assert lib.face_details(blair_face)["person_id"] == powell
+
+        page.click("#undo-go")
+        expect(page.locator("#people-result")).to_contain_text(f"undone: move face {blair_face}")
+        expect(card(serena).locator(".sheet img")).to_have_count(6)
+        with Library(library) as lib:
+            assert lib.face_details(blair_face)["person_id"] == serena
+
+        # the named person's photos: each with the face's thumbnail and its box
+        card(powell).locator(".photos-go").click()
+        photos = card(powell).locator(".photos li")
+        expect(photos).to_have_count(4)
+        expect(photos.filter(has_text=GROUP)).to_contain_text("box [")
+        thumbs = card(powell).locator(".photos img")
+        expect(thumbs).to_have_count(4)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.photos img')].every(i => i.naturalWidth > 0)"
+        )
+        card(serena).locator(".sheet img").last.click()  # the face panel, shown in the screenshot
+        shot = tmp_path / "people.png"
+        page.screenshot(path=str(shot), full_page=True)
+        log.info("screenshot of the People view: %s", shot)
     assert errors == []
     assert shot.stat().st_size > 10_000
