@@ -223,6 +223,8 @@ def test_bad_bodies_and_refused_actions_are_422(client: TestClient, library: Pat
         (f"/v1/people/{powell}/merge", {"other": [1]}, "invalid_request"),
         ("/v1/faces/abc/move", {"person": None}, "invalid_request"),
         ("/v1/faces/1/move", {}, "invalid_request"),
+        ("/v1/faces/1/move", {"person": True}, "invalid_request"),
+        ("/v1/faces/1/move", {"person": ""}, "invalid_request"),
     ]
     for url, body, code in bad:
         r = client.post(url, json=body, headers=WRITE)

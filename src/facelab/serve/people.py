@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Response
 from fastapi import Path as PathParam
 from fastapi.params import Depends
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from facelab.collections import people
 from facelab.collections.library import Library
@@ -26,9 +26,10 @@ from facelab.collections.search import search_person
 from facelab.serve.inputs import NAME_PATTERN
 
 PersonRef = Annotated[
-    int | str, Field(description="a person's id, or name", examples=[3, "Ada Lovelace"])
+    StrictInt | Annotated[str, Field(min_length=1, max_length=200)],
+    Field(description="a person's id, or name", examples=[3, "Ada Lovelace"]),
 ]
-PersonParam = Annotated[str, PathParam(description="a person's id, or name", min_length=1)]
+PersonParam = Annotated[str, PathParam(description="a person's id, or name")]
 FaceParam = Annotated[int, PathParam(ge=1, description="a face's id")]
 Limit = Annotated[int | None, Query(ge=1, le=10_000, description="at most this many")]
 
