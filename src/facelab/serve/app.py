@@ -287,6 +287,7 @@ class HealthOut(BaseModel):
 
 
 ERRORS = {
+    400: "a JSON body that does not parse",
     401: "no API key, or an unknown one",
     403: "a read-only key on a write endpoint, or a request made by a page of another site",
     404: "no such identity, person or face, or no library served",

@@ -113,7 +113,7 @@ def add_people_routes(
 ) -> None:
     """The routes, over `open_library()` (which refuses when no library is served)."""
     reading = {"dependencies": [read], "responses": errors(401, 404, 422, 429, 503)}
-    writing = {"dependencies": [write], "responses": errors(401, 403, 404, 422, 429, 503)}
+    writing = {"dependencies": [write], "responses": errors(400, 401, 403, 404, 413, 422, 429, 503)}
 
     def change(action: Callable[[Library], Any], done: str) -> DoneOut:
         with open_library() as lib:
