@@ -3,10 +3,17 @@ the other, and faults (a replica killed mid-enrollment, PostgreSQL restarted und
 replicas enrolling one name at once, connections closed by the server) lose nothing, leave
 nothing half-written, and every client gets an answer saying what happened.
 
+A replica that restarts with a saved index (`--snapshot`) reads only the changes since it; one
+whose saved index is missing, damaged, of another gallery or model, or older than the pruned
+change log reads the whole gallery and says why. While the database is down, searches are
+answered from the replica's index, marked stale; changes are refused.
+
 Latency is measured by benchmarks/pg_replicas.py, not asserted here (beyond "eventually")."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +23,13 @@ import numpy as np
 import pytest
 from postgres import Cluster, Replica, postgres_cluster  # noqa: F401 (a fixture)
 from serving import png, tiny_model, upload
+from test_gallery import store_with_vectors, unit
+from test_gallery_postgres import INFO, faces
 
 from facelab.gallery.backends import open_store
+from facelab.gallery.replica import GalleryReplica
+from facelab.gallery.saved_index import load_index, save_index, saved_index_path
+from facelab.gallery.search import GallerySearch
 from facelab.models.checkpoint import save_checkpoint
 
 httpx = pytest.importorskip("httpx")
@@ -256,3 +268,149 @@ def test_replica_killed_mid_enrollment(pair: Pair) -> None:
     assert any(isinstance(o, str) for o in load.enrolled.values())  # the client was told
     pair.restart_a()
     check_after_fault(pair, load)
+
+
+# -- catching up from a saved index, and the pruned change log (the replica in this process) ----
+
+
+def rng_people(seed: int, count: int, prefix: str = "p") -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"{prefix}{seed}_{i}": unit(rng.normal(size=(2, 16))) for i in range(count)}
+
+
+def answers(search: GallerySearch, queries: np.ndarray) -> list[list[str]]:
+    return [[m.identity for m in r] for r in search.query(queries, k=4)]
+
+
+def full_answers(address: str, queries: np.ndarray) -> list[list[str]]:
+    """What an index read whole from the database answers now."""
+    with open_store(address) as store:
+        search = GallerySearch(store)
+        search.refresh()
+        return answers(search, queries)
+
+
+def change_gallery(address: str, seed: int) -> int:
+    """Two people enrolled (2 embeddings each) and one removed; the embeddings added."""
+    added = rng_people(seed, 2, "new")
+    with open_store(address) as store:
+        store.add({name: faces(v, name) for name, v in added.items()}, INFO)
+        store.remove("p1_0")
+    return sum(len(v) for v in added.values())
+
+
+@pytest.fixture
+def saved(postgres_cluster: Cluster, tmp_path: Path) -> tuple[str, Path]:  # noqa: F811
+    """A gallery of 20 people (40 embeddings) and the index a replica saved of it on close."""
+    address = postgres_cluster.new_database()
+    store_with_vectors(address, rng_people(1, 20)).close()
+    replica = GalleryReplica(address, snapshot_dir=tmp_path)
+    status = replica.status()
+    assert (status.full_loads, status.rows_read, status.snapshot_revision) == (1, 40, None)
+    replica.close()
+    return address, saved_index_path(tmp_path, address)
+
+
+QUERIES = unit(np.random.default_rng(9).normal(size=(12, 16)))
+
+
+def test_restarted_replica_reads_only_the_changes_since_its_saved_index(
+    saved: tuple[str, Path],
+) -> None:
+    address, path = saved
+    assert load_index(path).revision == 1 and len(load_index(path).labels) == 40
+    added = change_gallery(address, 2)
+    replica = GalleryReplica(address, snapshot_dir=path.parent)
+    try:
+        status = replica.status()
+        assert status.full_loads == 0 and status.snapshot_revision == 1
+        assert status.rows_read == added  # the two new people only, not the 40 + 4 rows
+        assert status.revision == 3
+        assert answers(replica, QUERIES) == full_answers(address, QUERIES)
+    finally:
+        replica.close()
+    assert load_index(path).revision == 3  # saved again on close, compacted
+    assert len(load_index(path).labels) == 40 - 2 + added
+
+
+def _damage(path: Path) -> None:
+    data = path.read_bytes()
+    middle = len(data) // 2
+    path.write_bytes(data[:middle] + bytes(64) + data[middle + 64 :])
+
+
+def _other_gallery(path: Path, cluster: Cluster, _: str) -> None:
+    other = cluster.new_database()
+    store_with_vectors(other, rng_people(1, 20)).close()  # same people, another database
+    GalleryReplica(other, snapshot_dir=path.parent).close()
+    saved_index_path(path.parent, other).replace(path)
+
+
+def _other_model(path: Path, *_: object) -> None:
+    save_index(path, dataclasses.replace(load_index(path), fingerprint="0" * 16))
+
+
+def _pruned(_: Path, __: Cluster, address: str) -> None:
+    with open_store(address) as store:
+        store.prune_log(0)
+
+
+UNUSABLE = {
+    "missing": (lambda path, *_: path.unlink(), "no saved index at"),
+    "damaged": (lambda path, *_: _damage(path), "unreadable saved index"),
+    "truncated": (lambda path, *_: path.write_bytes(path.read_bytes()[:300]), "saved index"),
+    "not_npz": (lambda path, *_: path.write_text("not an index"), "unreadable saved index"),
+    "other_gallery": (_other_gallery, "of another gallery"),
+    "other_model": (_other_model, "made with another model"),
+    "pruned_log": (_pruned, "older than the change log, which starts at revision 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNUSABLE))
+def test_unusable_saved_index_means_a_full_read_saying_why(
+    saved: tuple[str, Path],
+    postgres_cluster: Cluster,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+) -> None:
+    address, path = saved
+    change_gallery(address, 3)  # revision 3
+    spoil, message = UNUSABLE[case]
+    spoil(path, postgres_cluster, address)
+    with caplog.at_level(logging.INFO, logger="facelab.gallery.replica"):
+        replica = GalleryReplica(address, snapshot_dir=path.parent)
+    try:
+        status = replica.status()
+        assert status.full_loads == 1 and status.snapshot_revision is None
+        assert status.rows_read == 40 - 2 + 4
+        assert answers(replica, QUERIES) == full_answers(address, QUERIES)
+        said = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
+        assert any(message in m for m in said), said
+        level = logging.INFO if case == "missing" else logging.WARNING
+        assert any(r.levelno == level and str(path) in r.getMessage() for r in caplog.records)
+    finally:
+        replica.close()
+
+
+def test_writers_prune_the_change_log_and_a_search_behind_it_reads_everything(
+    postgres_cluster: Cluster,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    address = postgres_cluster.new_database()
+    store_with_vectors(address, rng_people(4, 5)).close()
+    with open_store(address) as store, open_store(address) as reader:
+        assert store.prune_log(2) == 0  # revision 1: nothing before the last 2 revisions
+        search = GallerySearch(reader)
+        search.refresh()  # at revision 1
+        for step in range(4):
+            store.add({f"later{step}": faces(unit(np.ones((1, 16))), "x")}, INFO)
+        assert store.revision() == 5 and store.log_start() == 3
+        logged = postgres_cluster.sql(
+            "SELECT min(revision) FROM changes", address.rsplit("/", 1)[1]
+        )
+        assert int(logged) == 4  # every writer pruned: revisions 4 and 5 are left
+        with caplog.at_level(logging.WARNING, logger="facelab.gallery.search"):
+            search.refresh()  # its revision 1 is behind the log's start: a full read
+        assert "change log starts at revision 3" in caplog.text
+        assert answers(search, QUERIES) == full_answers(address, QUERIES)
+        assert {"later0", "later3"} <= set(search._live)
