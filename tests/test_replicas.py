@@ -112,23 +112,69 @@ def test_enrollment_and_removal_on_one_are_answered_by_the_other(pair: Pair) -> 
     wait_for(lambda: top_match(pair.a.url, 1)[0] != "sync_0")
 
 
-def test_replica_says_it_is_stale_while_the_database_is_down(pair: Pair) -> None:
+def gallery_status(replica: Replica) -> dict:
+    return httpx.get(f"{replica.url}/v1/info").json()["gallery"]
+
+
+def test_replica_answers_stale_while_the_database_is_down(pair: Pair) -> None:
     assert enroll(pair.a.url, "before_outage", 3).status_code == 200
+    wait_for(lambda: top_match(pair.b.url, 3)[0] == "before_outage")
+    revision = gallery_status(pair.b)["revision"]
     pair.cluster.stop()
     try:
         wait_for(lambda: httpx.get(f"{pair.b.url}/healthz").headers["X-Gallery-Stale"] == "true")
-        info = httpx.get(f"{pair.b.url}/v1/info").json()["gallery"]
-        assert info["stale"] is True and info["stale_since"] > 0
+        info = gallery_status(pair.b)
+        assert info["stale"] is True and info["connected"] is False and info["stale_since"] > 0
         assert pair.gallery.rsplit("/", 1)[0] in info["reason"]
+        # Searches are answered from the replica's index, saying so ...
         name, reply = top_match(pair.b.url, 3)
-        assert reply.status_code == 503 and reply.json()["error"] == "gallery_unavailable"
+        assert reply.status_code == 200 and name == "before_outage"
+        body = reply.json()
+        assert body["stale"] is True and body["revision"] == revision
+        assert body["stale_for_s"] > 0 and reply.headers["X-Gallery-Stale"] == "true"
+        claim = httpx.post(
+            f"{pair.b.url}/v1/verify",
+            data={"identity": "before_outage", "threshold": "0.5"},
+            files=[upload("image", png(300))],
+            timeout=60,
+        )
+        assert claim.status_code == 200 and claim.json()["decision"] == "accept"
+        assert claim.json()["stale"] is True and claim.json()["revision"] == revision
+        # ... changes are refused, saying why.
         reply = enroll(pair.a.url, "during_outage", 4)
         assert reply.status_code == 503 and "cannot connect" in reply.json()["detail"]
+        reply = httpx.delete(f"{pair.b.url}/v1/identities/before_outage")
+        assert reply.status_code == 503 and reply.json()["error"] == "gallery_unavailable"
     finally:
         pair.cluster.start()
     wait_for(lambda: httpx.get(f"{pair.b.url}/healthz").headers["X-Gallery-Stale"] == "false")
-    assert top_match(pair.b.url, 3)[0] == "before_outage"
-    assert "during_outage" not in stored(pair)
+    name, reply = top_match(pair.b.url, 3)
+    assert name == "before_outage" and reply.json()["stale"] is False
+    assert reply.json()["stale_for_s"] is None
+    assert "during_outage" not in stored(pair) and "before_outage" in stored(pair)
+
+
+def test_replica_restarted_with_a_saved_index_reads_only_the_changes(
+    pair: Pair, tmp_path: Path
+) -> None:
+    folder = str(tmp_path / "snapshots")
+    c = Replica(pair.gallery, pair.checkpoint, "--snapshot", folder, log=pair.logs / "c.log")
+    try:
+        first = gallery_status(c)
+        assert first["full_loads"] == 1 and first["snapshot_revision"] is None
+    finally:
+        c.stop()  # saves its index on the way out (and did after its full read)
+    assert enroll(pair.a.url, "while_c_was_down", 7).status_code == 200
+    c = Replica(pair.gallery, pair.checkpoint, "--snapshot", folder, log=pair.logs / "c2.log")
+    try:
+        status = gallery_status(c)
+        assert status["full_loads"] == 0 and status["snapshot_revision"] == first["revision"]
+        assert status["rows_read"] == IMAGES_PER_PERSON  # the one enrollment made meanwhile
+        assert top_match(c.url, 7)[0] == "while_c_was_down"
+        listed = httpx.get(f"{c.url}/v1/identities").json()["identities"]
+        assert {i["name"]: i["images"] for i in listed} == stored(pair)
+    finally:
+        c.stop()
 
 
 def race(replicas: list[Replica], name: str, seeds: list[int]) -> list[httpx.Response]:
