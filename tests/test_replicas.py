@@ -13,6 +13,7 @@ Latency is measured by benchmarks/pg_replicas.py, not asserted here (beyond "eve
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from serving import png, tiny_model, upload
 from test_gallery import store_with_vectors, unit
 from test_gallery_postgres import INFO, faces
 
+from facelab.cli import main
 from facelab.gallery.backends import open_store
 from facelab.gallery.replica import GalleryReplica
 from facelab.gallery.saved_index import load_index, save_index, saved_index_path
@@ -460,3 +462,24 @@ def test_writers_prune_the_change_log_and_a_search_behind_it_reads_everything(
         assert "change log starts at revision 3" in caplog.text
         assert answers(search, QUERIES) == full_answers(address, QUERIES)
         assert {"later0", "later3"} <= set(search._live)
+
+
+def test_prune_log_command(
+    postgres_cluster: Cluster,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    address = postgres_cluster.new_database()
+    store_with_vectors(address, rng_people(5, 3)).close()
+    assert main(["gallery", "prune-log", "--gallery", address, "--keep", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["log_start"] == 1
+    with open_store(address) as store:
+        store.add({"later": faces(unit(np.ones((1, 16))), "later")}, INFO)
+        assert store.log_start() == 2  # the kept length holds for every later writer
+    sqlite = tmp_path / "g.db"
+    store_with_vectors(sqlite, rng_people(5, 1)).close()
+    assert main(["gallery", "prune-log", "--gallery", str(sqlite), "--keep", "5"]) == 2
+    assert "g.db: an SQLite gallery keeps no change log" in caplog.text
+    assert main(["gallery", "prune-log", "--gallery", address, "--keep", "-1"]) == 2
+    assert "revisions to keep must be an integer >= 0" in caplog.text

@@ -64,6 +64,7 @@ class ReplicaStatus:
     full_loads: int  # times it read the whole gallery
     rows_read: int  # embeddings read from the database since it started
     snapshot_revision: int | None  # the revision of the saved index it started from, if any
+    loaded_in_s: float | None  # how long its first load took (saved index and changes, or all)
 
 
 class GalleryReplica(GallerySearch):
@@ -108,16 +109,19 @@ class GalleryReplica(GallerySearch):
         self._connected = False
         self._full_loads = self._rows_read = 0
         self._snapshot_revision: int | None = None
+        self._loaded_in: float | None = None
         self._facts: tuple[str, ModelInfo | None, list[Threshold]] | None = None
         self._saved_revision: int | None = None
         self._gallery_id: str | None = None
         self._saved_at = 0.0
         self._saver: threading.Thread | None = None
         self._thread = threading.Thread(target=self._follow, name="gallery-replica", daemon=True)
+        started = time.perf_counter()
         self._thread.start()
         if not self._loaded.wait(start_timeout):
             self.close()
             raise GalleryError(f"{address}: replica could not load the gallery ({self._reason})")
+        self._loaded_in = round(time.perf_counter() - started, 3)
 
     # -- answering --------------------------------------------------------------------------
 
@@ -137,6 +141,7 @@ class GalleryReplica(GallerySearch):
             self._full_loads,
             self._rows_read,
             self._snapshot_revision,
+            self._loaded_in,
         )
 
     def offline(self) -> OfflineGallery:
