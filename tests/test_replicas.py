@@ -32,6 +32,7 @@ from facelab.gallery.backends import open_store
 from facelab.gallery.replica import GalleryReplica
 from facelab.gallery.saved_index import load_index, save_index, saved_index_path
 from facelab.gallery.search import GallerySearch
+from facelab.gallery.store import GalleryError
 from facelab.models.checkpoint import save_checkpoint
 
 httpx = pytest.importorskip("httpx")
@@ -483,3 +484,10 @@ def test_prune_log_command(
     assert "g.db: an SQLite gallery keeps no change log" in caplog.text
     assert main(["gallery", "prune-log", "--gallery", address, "--keep", "-1"]) == 2
     assert "revisions to keep must be an integer >= 0" in caplog.text
+
+
+def test_a_saved_index_is_refused_for_an_sqlite_gallery(tmp_path: Path) -> None:
+    gallery = tmp_path / "g.db"
+    store_with_vectors(gallery, rng_people(6, 1)).close()
+    with pytest.raises(GalleryError, match="g.db: a snapshot folder is for PostgreSQL"):
+        GalleryReplica(gallery, snapshot_dir=tmp_path)

@@ -329,10 +329,14 @@ class PostgresStore(GalleryStore):
     def gallery_id(self) -> str:
         """A random identity made once per gallery database, so that a replica's saved index of
         one gallery is never taken for another's (a copy or a re-created database gets its own)."""
-        self._conn.execute(
-            "INSERT OR IGNORE INTO meta VALUES ('gallery_id', ?)", (uuid.uuid4().hex,)
-        )
-        return self._conn.execute("SELECT value FROM meta WHERE key = 'gallery_id'").fetchone()[0]
+        query = "SELECT value FROM meta WHERE key = 'gallery_id'"
+        row = self._conn.execute(query).fetchone()
+        if row is None:  # a gallery made before galleries had one
+            self._conn.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('gallery_id', ?)", (uuid.uuid4().hex,)
+            )
+            row = self._conn.execute(query).fetchone()
+        return row[0]
 
     # -- following changes --------------------------------------------------------------------
 
