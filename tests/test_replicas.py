@@ -348,12 +348,21 @@ def change_gallery(address: str, seed: int) -> int:
     return sum(len(v) for v in added.values())
 
 
+@pytest.fixture(params=["exact"])
+def method(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture
-def saved(postgres_cluster: Cluster, tmp_path: Path) -> tuple[str, Path]:  # noqa: F811
+def saved(
+    postgres_cluster: Cluster,  # noqa: F811
+    tmp_path: Path,
+    method: str,
+) -> tuple[str, Path]:
     """A gallery of 20 people (40 embeddings) and the index a replica saved of it on close."""
     address = postgres_cluster.new_database()
     store_with_vectors(address, rng_people(1, 20)).close()
-    replica = GalleryReplica(address, snapshot_dir=tmp_path)
+    replica = GalleryReplica(address, method, snapshot_dir=tmp_path)
     status = replica.status()
     assert (status.full_loads, status.rows_read, status.snapshot_revision) == (1, 40, None)
     replica.close()
@@ -363,19 +372,25 @@ def saved(postgres_cluster: Cluster, tmp_path: Path) -> tuple[str, Path]:  # noq
 QUERIES = unit(np.random.default_rng(9).normal(size=(12, 16)))
 
 
+@pytest.mark.parametrize("method", ["exact", "flat", "hnsw", "ivf"], indirect=True)
 def test_restarted_replica_reads_only_the_changes_since_its_saved_index(
-    saved: tuple[str, Path],
+    saved: tuple[str, Path], method: str
 ) -> None:
     address, path = saved
     assert load_index(path).revision == 1 and len(load_index(path).labels) == 40
     added = change_gallery(address, 2)
-    replica = GalleryReplica(address, snapshot_dir=path.parent)
+    replica = GalleryReplica(address, method, snapshot_dir=path.parent)
     try:
         status = replica.status()
         assert status.full_loads == 0 and status.snapshot_revision == 1
         assert status.rows_read == added  # the two new people only, not the 40 + 4 rows
         assert status.revision == 3
         assert answers(replica, QUERIES) == full_answers(address, QUERIES)
+        with open_store(address) as store:  # what it answers verify with, without the database
+            for name in ("p1_1", "new2_0"):
+                np.testing.assert_allclose(
+                    replica.offline().embeddings(name), store.embeddings(name), atol=1e-6
+                )
     finally:
         replica.close()
     assert load_index(path).revision == 3  # saved again on close, compacted
