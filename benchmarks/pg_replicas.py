@@ -6,7 +6,10 @@
   replicas on PostgreSQL, against the same clients on one replica over an SQLite file;
   throughput and p50/p99 per kind.
 - startup: a replica started over a gallery of N identities (synthetic embeddings): seconds
-  until it answers, and its memory (RSS, peak), against the same replica over an empty gallery.
+  until it answers, and its memory (RSS, peak), against the same replica over an empty gallery;
+  then, per N, the same replica with `--snapshot`: its first start (no saved index: a full
+  read, then saved), and a restart after 100 more identities were enrolled (the saved index
+  plus the changes since), with the rows it read from the database.
 
 The PostgreSQL cluster is a throwaway one (tests/postgres.py); the model is the tests' tiny
 random MobileFaceNet (128-d here), so the figures are about the gallery, replicas and HTTP,
@@ -100,6 +103,8 @@ def bulk_fill(gallery: str, info: ModelInfo, size: int) -> float:
                     copy.write_row((first + i + 1, "-", "-", 0, v.astype("<f4").tobytes(), now))
         cur.execute("SELECT setval('identities_id_seq', %s)", (size,))
         cur.execute("UPDATE meta SET value = %s WHERE key = 'revision'", (str(revision + 1),))
+    with psycopg.connect(gallery, autocommit=True) as conn:
+        conn.execute("ANALYZE")  # as autovacuum does after a bulk load: the planner's statistics
     return time.perf_counter() - start
 
 
@@ -235,24 +240,58 @@ def memory_kib(pid: int) -> tuple[int, int]:
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
+def started(gallery: str, model: str, log: Path, *options: str) -> list[str]:
+    """Start a replica, measure it, stop it: start s, gallery load s, RSS and peak MiB, rows
+    it read."""
+    replica = Replica(gallery, model, *options, log=log)
+    rss, peak = memory_kib(replica.proc.pid)
+    status = httpx.get(f"{replica.url}/v1/info", timeout=60).json()["gallery"]
+    replica.stop()
+    read = f"{status['rows_read']:,}" + (" (full)" if status["full_loads"] else "")
+    return [
+        f"{replica.startup_seconds:.1f}",
+        f"{status['loaded_in_s']:.2f}",
+        f"{rss / 1024:.0f}",
+        f"{peak / 1024:.0f}",
+        read,
+    ]
+
+
 def startup(
     cluster: Cluster, model: str, info: ModelInfo, folder: Path, sizes: list[int], search: str
 ) -> None:
     print(f"\n## startup: one replica (--search {search}) over N identities, 128-d\n")
-    print("| identities | fill s | start s | RSS MiB | peak RSS MiB |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| identities | fill s | start | start s (until /healthz) | of which gallery load s "
+        "| RSS MiB | peak RSS MiB | rows read |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in [0, *sizes]:
         gallery = cluster.new_database()
-        filled = bulk_fill(gallery, info, size) if size else 0.0
-        replica = Replica(gallery, model, "--search", search, log=folder / f"start_{size}.log")
-        rss, peak = memory_kib(replica.proc.pid)
-        replica.stop()
-        print(
-            f"| {size} | {filled:.0f} | {replica.startup_seconds:.1f} | {rss / 1024:.0f} "
-            f"| {peak / 1024:.0f} |",
-            flush=True,
-        )
+        filled = f"{bulk_fill(gallery, info, size) if size else 0.0:.0f}"
+        runs = [("without --snapshot", ())]
+        if size:
+            saved = ("--snapshot", str(folder / f"saved_{size}"))
+            runs += [("--snapshot, none saved yet", saved), ("--snapshot, 100 changes", saved)]
+        for n, (how, snapshot) in enumerate(runs):
+            if n == 2:  # 100 identities enrolled while the replica was down
+                fill_more(gallery, info, size, 100)
+            log = folder / f"start_{size}_{n}.log"
+            row = started(gallery, model, log, "--search", search, *snapshot)
+            print(f"| {size:,} | {filled} | {how} | {' | '.join(row)} |", flush=True)
+        if size:
+            files = list((folder / f"saved_{size}").glob("*.npz"))
+            print(f"| {size:,} | | saved index file: {files[0].stat().st_size / 2**20:.0f} MiB |")
         cluster.sql(f"DROP DATABASE {gallery.rsplit('/', 1)[1]}")
+
+
+def fill_more(gallery: str, info: ModelInfo, first: int, count: int) -> None:
+    """`count` more synthetic identities, one enrollment (revision) each."""
+    rng = np.random.default_rng(first)
+    with open_store(gallery) as store:
+        for i in range(count):
+            v = rng.standard_normal(DIM).astype(np.float32)
+            store.add({f"later_{i}": [EnrolledFace("-", "-", 0, v / np.linalg.norm(v))]}, info)
 
 
 def main() -> None:

@@ -3,10 +3,18 @@ the other, and faults (a replica killed mid-enrollment, PostgreSQL restarted und
 replicas enrolling one name at once, connections closed by the server) lose nothing, leave
 nothing half-written, and every client gets an answer saying what happened.
 
+A replica that restarts with a saved index (`--snapshot`) reads only the changes since it; one
+whose saved index is missing, damaged, of another gallery or model, or older than the pruned
+change log reads the whole gallery and says why. While the database is down, searches are
+answered from the replica's index, marked stale; changes are refused.
+
 Latency is measured by benchmarks/pg_replicas.py, not asserted here (beyond "eventually")."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +24,15 @@ import numpy as np
 import pytest
 from postgres import Cluster, Replica, postgres_cluster  # noqa: F401 (a fixture)
 from serving import png, tiny_model, upload
+from test_gallery import store_with_vectors, unit
+from test_gallery_postgres import INFO, faces
 
+from facelab.cli import main
 from facelab.gallery.backends import open_store
+from facelab.gallery.replica import GalleryReplica
+from facelab.gallery.saved_index import load_index, save_index, saved_index_path
+from facelab.gallery.search import GallerySearch
+from facelab.gallery.store import GalleryError
 from facelab.models.checkpoint import save_checkpoint
 
 httpx = pytest.importorskip("httpx")
@@ -100,23 +115,69 @@ def test_enrollment_and_removal_on_one_are_answered_by_the_other(pair: Pair) -> 
     wait_for(lambda: top_match(pair.a.url, 1)[0] != "sync_0")
 
 
-def test_replica_says_it_is_stale_while_the_database_is_down(pair: Pair) -> None:
+def gallery_status(replica: Replica) -> dict:
+    return httpx.get(f"{replica.url}/v1/info").json()["gallery"]
+
+
+def test_replica_answers_stale_while_the_database_is_down(pair: Pair) -> None:
     assert enroll(pair.a.url, "before_outage", 3).status_code == 200
+    wait_for(lambda: top_match(pair.b.url, 3)[0] == "before_outage")
+    revision = gallery_status(pair.b)["revision"]
     pair.cluster.stop()
     try:
         wait_for(lambda: httpx.get(f"{pair.b.url}/healthz").headers["X-Gallery-Stale"] == "true")
-        info = httpx.get(f"{pair.b.url}/v1/info").json()["gallery"]
-        assert info["stale"] is True and info["stale_since"] > 0
+        info = gallery_status(pair.b)
+        assert info["stale"] is True and info["connected"] is False and info["stale_since"] > 0
         assert pair.gallery.rsplit("/", 1)[0] in info["reason"]
+        # Searches are answered from the replica's index, saying so ...
         name, reply = top_match(pair.b.url, 3)
-        assert reply.status_code == 503 and reply.json()["error"] == "gallery_unavailable"
+        assert reply.status_code == 200 and name == "before_outage"
+        body = reply.json()
+        assert body["stale"] is True and body["revision"] == revision
+        assert body["stale_for_s"] > 0 and reply.headers["X-Gallery-Stale"] == "true"
+        claim = httpx.post(
+            f"{pair.b.url}/v1/verify",
+            data={"identity": "before_outage", "threshold": "0.5"},
+            files=[upload("image", png(300))],
+            timeout=60,
+        )
+        assert claim.status_code == 200 and claim.json()["decision"] == "accept"
+        assert claim.json()["stale"] is True and claim.json()["revision"] == revision
+        # ... changes are refused, saying why.
         reply = enroll(pair.a.url, "during_outage", 4)
         assert reply.status_code == 503 and "cannot connect" in reply.json()["detail"]
+        reply = httpx.delete(f"{pair.b.url}/v1/identities/before_outage")
+        assert reply.status_code == 503 and reply.json()["error"] == "gallery_unavailable"
     finally:
         pair.cluster.start()
     wait_for(lambda: httpx.get(f"{pair.b.url}/healthz").headers["X-Gallery-Stale"] == "false")
-    assert top_match(pair.b.url, 3)[0] == "before_outage"
-    assert "during_outage" not in stored(pair)
+    name, reply = top_match(pair.b.url, 3)
+    assert name == "before_outage" and reply.json()["stale"] is False
+    assert reply.json()["stale_for_s"] is None
+    assert "during_outage" not in stored(pair) and "before_outage" in stored(pair)
+
+
+def test_replica_restarted_with_a_saved_index_reads_only_the_changes(
+    pair: Pair, tmp_path: Path
+) -> None:
+    folder = str(tmp_path / "snapshots")
+    c = Replica(pair.gallery, pair.checkpoint, "--snapshot", folder, log=pair.logs / "c.log")
+    try:
+        first = gallery_status(c)
+        assert first["full_loads"] == 1 and first["snapshot_revision"] is None
+    finally:
+        c.stop()  # saves its index on the way out (and did after its full read)
+    assert enroll(pair.a.url, "while_c_was_down", 7).status_code == 200
+    c = Replica(pair.gallery, pair.checkpoint, "--snapshot", folder, log=pair.logs / "c2.log")
+    try:
+        status = gallery_status(c)
+        assert status["full_loads"] == 0 and status["snapshot_revision"] == first["revision"]
+        assert status["rows_read"] == IMAGES_PER_PERSON  # the one enrollment made meanwhile
+        assert top_match(c.url, 7)[0] == "while_c_was_down"
+        listed = httpx.get(f"{c.url}/v1/identities").json()["identities"]
+        assert {i["name"]: i["images"] for i in listed} == stored(pair)
+    finally:
+        c.stop()
 
 
 def race(replicas: list[Replica], name: str, seeds: list[int]) -> list[httpx.Response]:
@@ -256,3 +317,192 @@ def test_replica_killed_mid_enrollment(pair: Pair) -> None:
     assert any(isinstance(o, str) for o in load.enrolled.values())  # the client was told
     pair.restart_a()
     check_after_fault(pair, load)
+
+
+# -- catching up from a saved index, and the pruned change log (the replica in this process) ----
+
+
+def rng_people(seed: int, count: int, prefix: str = "p") -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"{prefix}{seed}_{i}": unit(rng.normal(size=(2, 16))) for i in range(count)}
+
+
+def answers(search: GallerySearch, queries: np.ndarray) -> list[list[str]]:
+    return [[m.identity for m in r] for r in search.query(queries, k=4)]
+
+
+def full_answers(address: str, queries: np.ndarray) -> list[list[str]]:
+    """What an index read whole from the database answers now."""
+    with open_store(address) as store:
+        search = GallerySearch(store)
+        search.refresh()
+        return answers(search, queries)
+
+
+def change_gallery(address: str, seed: int) -> int:
+    """Two people enrolled (2 embeddings each) and one removed; the embeddings added."""
+    added = rng_people(seed, 2, "new")
+    with open_store(address) as store:
+        store.add({name: faces(v, name) for name, v in added.items()}, INFO)
+        store.remove("p1_0")
+    return sum(len(v) for v in added.values())
+
+
+@pytest.fixture(params=["exact"])
+def method(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def saved(
+    postgres_cluster: Cluster,  # noqa: F811
+    tmp_path: Path,
+    method: str,
+) -> tuple[str, Path]:
+    """A gallery of 20 people (40 embeddings) and the index a replica saved of it on close."""
+    address = postgres_cluster.new_database()
+    store_with_vectors(address, rng_people(1, 20)).close()
+    replica = GalleryReplica(address, method, snapshot_dir=tmp_path)
+    status = replica.status()
+    assert (status.full_loads, status.rows_read, status.snapshot_revision) == (1, 40, None)
+    replica.close()
+    return address, saved_index_path(tmp_path, address)
+
+
+QUERIES = unit(np.random.default_rng(9).normal(size=(12, 16)))
+
+
+@pytest.mark.parametrize("method", ["exact", "flat", "hnsw", "ivf"], indirect=True)
+def test_restarted_replica_reads_only_the_changes_since_its_saved_index(
+    saved: tuple[str, Path], method: str
+) -> None:
+    address, path = saved
+    assert load_index(path).revision == 1 and len(load_index(path).labels) == 40
+    added = change_gallery(address, 2)
+    replica = GalleryReplica(address, method, snapshot_dir=path.parent)
+    try:
+        status = replica.status()
+        assert status.full_loads == 0 and status.snapshot_revision == 1
+        assert status.rows_read == added  # the two new people only, not the 40 + 4 rows
+        assert status.revision == 3
+        assert answers(replica, QUERIES) == full_answers(address, QUERIES)
+        with open_store(address) as store:  # what it answers verify with, without the database
+            for name in ("p1_1", "new2_0"):
+                np.testing.assert_allclose(
+                    replica.offline().embeddings(name), store.embeddings(name), atol=1e-6
+                )
+    finally:
+        replica.close()
+    assert load_index(path).revision == 3  # saved again on close, compacted
+    assert len(load_index(path).labels) == 40 - 2 + added
+
+
+def _damage(path: Path) -> None:
+    data = path.read_bytes()
+    middle = len(data) // 2
+    path.write_bytes(data[:middle] + bytes(64) + data[middle + 64 :])
+
+
+def _other_gallery(path: Path, cluster: Cluster, _: str) -> None:
+    other = cluster.new_database()
+    store_with_vectors(other, rng_people(1, 20)).close()  # same people, another database
+    GalleryReplica(other, snapshot_dir=path.parent).close()
+    saved_index_path(path.parent, other).replace(path)
+
+
+def _other_model(path: Path, *_: object) -> None:
+    save_index(path, dataclasses.replace(load_index(path), fingerprint="0" * 16))
+
+
+def _pruned(_: Path, __: Cluster, address: str) -> None:
+    with open_store(address) as store:
+        store.prune_log(0)
+
+
+UNUSABLE = {
+    "missing": (lambda path, *_: path.unlink(), "no saved index at"),
+    "damaged": (lambda path, *_: _damage(path), "unreadable saved index"),
+    "truncated": (lambda path, *_: path.write_bytes(path.read_bytes()[:300]), "saved index"),
+    "not_npz": (lambda path, *_: path.write_text("not an index"), "unreadable saved index"),
+    "other_gallery": (_other_gallery, "of another gallery"),
+    "other_model": (_other_model, "made with another model"),
+    "pruned_log": (_pruned, "older than the change log, which starts at revision 3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNUSABLE))
+def test_unusable_saved_index_means_a_full_read_saying_why(
+    saved: tuple[str, Path],
+    postgres_cluster: Cluster,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    case: str,
+) -> None:
+    address, path = saved
+    change_gallery(address, 3)  # revision 3
+    spoil, message = UNUSABLE[case]
+    spoil(path, postgres_cluster, address)
+    with caplog.at_level(logging.INFO, logger="facelab.gallery.replica"):
+        replica = GalleryReplica(address, snapshot_dir=path.parent)
+    try:
+        status = replica.status()
+        assert status.full_loads == 1 and status.snapshot_revision is None
+        assert status.rows_read == 40 - 2 + 4
+        assert answers(replica, QUERIES) == full_answers(address, QUERIES)
+        said = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
+        assert any(message in m for m in said), said
+        level = logging.INFO if case == "missing" else logging.WARNING
+        assert any(r.levelno == level and str(path) in r.getMessage() for r in caplog.records)
+    finally:
+        replica.close()
+
+
+def test_writers_prune_the_change_log_and_a_search_behind_it_reads_everything(
+    postgres_cluster: Cluster,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    address = postgres_cluster.new_database()
+    store_with_vectors(address, rng_people(4, 5)).close()
+    with open_store(address) as store, open_store(address) as reader:
+        assert store.prune_log(2) == 0  # revision 1: nothing before the last 2 revisions
+        search = GallerySearch(reader)
+        search.refresh()  # at revision 1
+        for step in range(4):
+            store.add({f"later{step}": faces(unit(np.ones((1, 16))), "x")}, INFO)
+        assert store.revision() == 5 and store.log_start() == 3
+        logged = postgres_cluster.sql(
+            "SELECT min(revision) FROM changes", address.rsplit("/", 1)[1]
+        )
+        assert int(logged) == 4  # every writer pruned: revisions 4 and 5 are left
+        with caplog.at_level(logging.WARNING, logger="facelab.gallery.search"):
+            search.refresh()  # its revision 1 is behind the log's start: a full read
+        assert "change log starts at revision 3" in caplog.text
+        assert answers(search, QUERIES) == full_answers(address, QUERIES)
+        assert {"later0", "later3"} <= set(search._live)
+
+
+def test_prune_log_command(
+    postgres_cluster: Cluster,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    address = postgres_cluster.new_database()
+    store_with_vectors(address, rng_people(5, 3)).close()
+    assert main(["gallery", "prune-log", "--gallery", address, "--keep", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["log_start"] == 1
+    with open_store(address) as store:
+        store.add({"later": faces(unit(np.ones((1, 16))), "later")}, INFO)
+        assert store.log_start() == 2  # the kept length holds for every later writer
+    sqlite = tmp_path / "g.db"
+    store_with_vectors(sqlite, rng_people(5, 1)).close()
+    assert main(["gallery", "prune-log", "--gallery", str(sqlite), "--keep", "5"]) == 2
+    assert "g.db: an SQLite gallery keeps no change log" in caplog.text
+    assert main(["gallery", "prune-log", "--gallery", address, "--keep", "-1"]) == 2
+    assert "revisions to keep must be an integer >= 0" in caplog.text
+
+
+def test_a_saved_index_is_refused_for_an_sqlite_gallery(tmp_path: Path) -> None:
+    gallery = tmp_path / "g.db"
+    store_with_vectors(gallery, rng_people(6, 1)).close()
+    with pytest.raises(GalleryError, match="g.db: a snapshot folder is for PostgreSQL"):
+        GalleryReplica(gallery, snapshot_dir=tmp_path)

@@ -377,7 +377,7 @@ def _map(args: argparse.Namespace) -> None:
 
 @command("gallery")
 def _gallery(args: argparse.Namespace) -> None:
-    from facelab.gallery.backends import copy_gallery, open_store
+    from facelab.gallery.backends import copy_gallery, open_store, prune_log
 
     if args.gallery_command == "copy":
         print(json.dumps(copy_gallery(args.src, args.dst)))
@@ -388,6 +388,8 @@ def _gallery(args: argparse.Namespace) -> None:
                 print(f"{identity.name}\t{identity.images}")
         elif args.gallery_command == "remove":
             print(json.dumps({"removed": args.name, "images": store.remove(args.name)}))
+        elif args.gallery_command == "prune-log":
+            print(json.dumps(prune_log(store, args.keep)))
         elif args.gallery_command == "rename":
             store.rename(args.old, args.new)
             print(json.dumps({"renamed": args.old, "to": args.new}))
@@ -543,6 +545,7 @@ def _serve(args: argparse.Namespace) -> None:
         keep_dir=Path(args.keep_dir) if args.keep_dir else None,
         model_source=source,
         search=args.search,
+        snapshot_dir=Path(args.snapshot) if args.snapshot else None,
     )
     run(_gallery_model(args, runtime=args.runtime), config, host=args.host, port=args.port)
 
@@ -623,6 +626,12 @@ def _add_deployment_commands(sub: Any) -> None:
         choices=("exact", "flat", "hnsw", "ivf"),
         default="exact",
         help="the replica's in-memory index: exact (default) or a FAISS index",
+    )
+    p.add_argument(
+        "--snapshot",
+        metavar="DIR",
+        help="PostgreSQL galleries: save the replica's index in DIR, so that a restart reads "
+        "only the changes since (docs/postgres.md)",
     )
 
     p = sub.add_parser(
@@ -895,6 +904,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("src", help="gallery to read (file or postgresql:// address)")
     q.add_argument("dst", help="new or empty gallery to write (file or postgresql:// address)")
+    q = gallery_sub.add_parser(
+        "prune-log",
+        parents=[_gallery_options()],
+        help="PostgreSQL: keep the last N revisions of the change log replicas catch up from",
+    )
+    q.add_argument("--keep", type=int, required=True, help="revisions to keep (every writer)")
 
     p = sub.add_parser(
         "calibrate",

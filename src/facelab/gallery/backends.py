@@ -33,6 +33,14 @@ def gallery_exists(address: GalleryAddress) -> bool:
     return Path(address).is_file()
 
 
+def prune_log(store: GalleryStore, keep: int) -> dict[str, Any]:
+    """Keep the last `keep` revisions of a PostgreSQL gallery's change log (see postgres.py)."""
+    if not isinstance(store, PostgresStore):
+        raise GalleryError(f"{store.path}: an SQLite gallery keeps no change log to prune")
+    start = store.prune_log(keep)
+    return {"gallery": store.path, "keep": keep, "log_start": start, "revision": store.revision()}
+
+
 def copy_gallery(source: GalleryAddress, destination: GalleryAddress) -> dict[str, Any]:
     """Copy every identity (images, embeddings), the model binding and source, and the
     calibrated thresholds into an empty gallery, between any two backends.

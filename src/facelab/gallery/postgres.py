@@ -14,6 +14,9 @@ so both backends share one implementation of every gallery operation. What diffe
   `NOTIFY facelab_gallery, '<revision>'`. A replica that missed notifications (restarted,
   disconnected) compares revisions and reads only the identities changed since its own
   (`changes_since`), not the whole gallery.
+- **Pruning the change log.** Every writer keeps only the last `log_keep` revisions of it
+  (meta `log_keep`, default `LOG_KEEP`; `prune_log` changes it) and records where it now starts
+  (meta `log_start`): a replica behind that revision cannot patch and reads the whole gallery.
 - **Lost connections.** Any connection error becomes `GalleryUnavailable` naming the gallery
   and saying whether the change was not stored or, if the connection dropped during COMMIT,
   whether it is unknown.
@@ -24,6 +27,7 @@ Reads run in REPEATABLE READ transactions, so a snapshot or a delta is one revis
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +45,9 @@ from facelab.gallery.store import (
 )
 
 CHANNEL = "facelab_gallery"
+# Revisions of change log every writer keeps (about 50 bytes per name a revision touched): a
+# replica may be this many changes behind and still catch up by reading only those.
+LOG_KEEP = 100_000
 
 # store.py's schema in PostgreSQL's types, plus the change log and the triggers that fill it.
 _POSTGRES_SCHEMA = (
@@ -94,6 +101,10 @@ def redact(address: str) -> str:
 
 class GalleryUnavailable(GalleryError):
     """The gallery's database cannot be reached now; the message says what became of the change."""
+
+
+class LogPruned(GalleryError):
+    """The change log no longer reaches back to the asked revision: read the whole gallery."""
 
 
 @dataclass(frozen=True)
@@ -284,14 +295,62 @@ class PostgresStore(GalleryStore):
             "UPDATE meta SET value = (value::bigint + 1)::text WHERE key = 'revision' "
             "RETURNING value"
         ).fetchone()
+        self._prune(db, int(revision))
         db.execute("SELECT pg_notify(?, ?)", (CHANNEL, revision))
+
+    def _prune(self, db: Any, revision: int) -> None:
+        """Drop the change log's revisions before the last `log_keep` ones and move `log_start`
+        (inside the writer's transaction: usually one revision's rows, by primary key)."""
+        db.execute(
+            "WITH start AS (SELECT ?::bigint - COALESCE((SELECT value::bigint FROM meta "
+            "WHERE key = 'log_keep'), ?) AS revision), "
+            "gone AS (DELETE FROM changes WHERE revision <= (SELECT revision FROM start)) "
+            "INSERT INTO meta SELECT 'log_start', revision::text FROM start WHERE revision > 0 "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value "
+            "WHERE meta.value::bigint < EXCLUDED.value::bigint",
+            (revision, LOG_KEEP),
+        )
+
+    def prune_log(self, keep: int) -> int:
+        """Keep the last `keep` revisions of change log from now on (every writer prunes to
+        it) and prune now; returns the revision the log starts at."""
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise GalleryError(f"{self.path}: revisions to keep must be an integer >= 0")
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('log_keep', ?)", (str(keep),))
+            self._prune(db, self.revision())
+        return self.log_start()
+
+    def log_start(self) -> int:
+        """The change log holds every change after this revision (0: never pruned)."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'log_start'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def gallery_id(self) -> str:
+        """A random identity made once per gallery database, so that a replica's saved index of
+        one gallery is never taken for another's (a copy or a re-created database gets its own)."""
+        query = "SELECT value FROM meta WHERE key = 'gallery_id'"
+        row = self._conn.execute(query).fetchone()
+        if row is None:  # a gallery made before galleries had one
+            self._conn.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('gallery_id', ?)", (uuid.uuid4().hex,)
+            )
+            row = self._conn.execute(query).fetchone()
+        return row[0]
 
     # -- following changes --------------------------------------------------------------------
 
     def changes_since(self, revision: int) -> Delta:
-        """What changed after `revision`: the touched identities, as they are now."""
+        """What changed after `revision`: the touched identities, as they are now. LogPruned
+        when the log no longer reaches back that far."""
         with self._read() as db:
             now = self.revision()
+            start = self.log_start()
+            if revision < start:
+                raise LogPruned(
+                    f"{self.path}: the change log starts at revision {start} (pruned), after "
+                    f"revision {revision}"
+                )
             changed = [
                 name
                 for (name,) in db.execute(

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
-from facelab.gallery.postgres import Delta, PostgresStore
+from facelab.gallery.postgres import Delta, LogPruned, PostgresStore
 from facelab.gallery.store import GalleryError, GalleryStore, Snapshot
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,10 @@ class GallerySearch:
             and self._dead_rows * 4 < len(self._labels)
         )
         if patchable and self.revision is not None:
-            return self.store.changes_since(self.revision)
+            try:
+                return self.store.changes_since(self.revision)
+            except LogPruned as exc:
+                log.warning("%s; reading the whole gallery", exc)
         return self.store.snapshot()
 
     def apply(self, change: Snapshot | Delta) -> None:

@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -52,7 +53,7 @@ from facelab.gallery import (
     verify_claim,
 )
 from facelab.gallery.postgres import GalleryUnavailable, is_postgres_address
-from facelab.gallery.replica import GalleryReplica
+from facelab.gallery.replica import GalleryReplica, OfflineGallery
 from facelab.gallery.service import Face, Identification, resolve_threshold
 from facelab.gallery.store import GalleryBusy, GalleryConflict
 from facelab.models.export import OnnxFaceModel
@@ -103,6 +104,7 @@ class ServeConfig:
     keep_dir: Path | None = None  # where enrollments asking to keep images write them
     model_source: str | None = None  # recorded in the gallery (how to load the model again)
     search: str = "exact"  # the in-memory index's method (gallery.search.METHODS)
+    snapshot_dir: Path | None = None  # where the replica saves its index (PostgreSQL only)
     # Host names the server answers to besides localhost, 127.0.0.1 and [::1]; with none,
     # a keyed server answers to any (the key is the protection), an insecure one to loopback.
     allowed_hosts: tuple[str, ...] = ()
@@ -217,7 +219,18 @@ class EmbedOut(BaseModel):
     faces: list[EmbeddedFace]
 
 
-class VerifyOut(BaseModel):
+class Freshness(BaseModel):
+    """How current the gallery an answer came from was: a replica that lost its database
+    answers from the index it holds, at `revision`, marked stale."""
+
+    stale: bool = Field(
+        False, description="answered from this replica's index without its database"
+    )
+    revision: int | None = Field(None, description="the gallery revision the answer reflects")
+    stale_for_s: float | None = Field(None, description="seconds since the database was lost")
+
+
+class VerifyOut(Freshness):
     score: float = Field(description="cosine similarity")
     decision: Literal["same", "different", "accept", "reject"] | None
     threshold: ThresholdOut | None
@@ -239,7 +252,7 @@ class IdentifiedFace(FaceOut):
     candidates: list[MatchOut]
 
 
-class IdentifyOut(BaseModel):
+class IdentifyOut(Freshness):
     faces: list[IdentifiedFace]
     threshold: ThresholdOut
 
@@ -383,7 +396,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         if config.model_source:
             store.set_model_source(config.model_source)
         kept.reconcile(store, keep_dir)
-    replica = GalleryReplica(config.gallery, config.search)
+    replica = GalleryReplica(config.gallery, config.search, snapshot_dir=config.snapshot_dir)
     page = resources.files("facelab.serve").joinpath("static/index.html").read_bytes()
     page_policy = _content_security_policy(page)
     limits = {
@@ -418,6 +431,26 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
                 "this server serves no photo library (start it with facelab serve --library FILE)",
             )
         return Library(config.gallery, timeout=config.busy_seconds)
+
+    def reading_store() -> GalleryStore:
+        """The gallery for answering searches: the database, or, while this replica has no
+        connection to it, what the replica holds (answers then say they are stale)."""
+        if replica.status().connected:
+            try:
+                return open_store()
+            except GalleryUnavailable as exc:
+                log.info("answering from the replica's index: %s", exc)
+        return replica.offline()
+
+    def freshness(store: GalleryStore) -> dict[str, Any]:
+        status = replica.status()
+        stale = isinstance(store, OfflineGallery) or status.stale
+        since = status.stale_since if stale else None
+        return {
+            "stale": stale,
+            "revision": status.revision,
+            "stale_for_s": None if since is None else round(time.time() - since, 3),
+        }
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -573,7 +606,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
     def model_info() -> InfoOut:
         """The served model, batching statistics, limits and the gallery's thresholds."""
         try:
-            with open_store() as store:
+            with reading_store() as store:
                 thresholds = [ThresholdOut.of(t) for t in store.thresholds()]
         except GalleryUnavailable:
             thresholds = []  # unknown now; `gallery` says the replica is stale and why
@@ -654,7 +687,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         score = float(faces[0].embedding @ faces[1].embedding)
         given = opts.threshold is not None or opts.far is not None
         threshold, no_threshold = None, None
-        with open_store() as store:
+        with reading_store() as store:
             try:
                 threshold = resolve_threshold(store, opts.threshold, opts.far, served)
             except GalleryError as exc:
@@ -674,11 +707,12 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
                 FaceOut(**_face_out(uploads[f.item].field, f, images[f.item].original_box(f.box)))
                 for f in faces
             ],
+            **freshness(store),
         )
 
     def claim(opts: VerifyOptions, uploads: list[Upload]) -> VerifyOut:
         images = decode(uploads)
-        with open_store() as store:
+        with reading_store() as store:
             if not store.contains(opts.identity):
                 raise ApiError(404, "not_found", f"{opts.identity!r} is not enrolled")
             result = verify_claim(
@@ -697,6 +731,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
             threshold=ThresholdOut.of(result.threshold),
             identity=result.identity,
             faces=[],
+            **freshness(store),
         )
 
     @app.post(
@@ -709,7 +744,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
 
         def identify_faces() -> IdentifyOut:
             images = decode(uploads)
-            with open_store() as store:
+            with reading_store() as store:
                 chosen = resolve_threshold(store, opts.threshold, opts.far, served)
                 if store.is_empty():
                     raise ApiError(422, "empty_gallery", "nobody is enrolled yet")
@@ -738,6 +773,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
                     for r in results
                 ],
                 threshold=ThresholdOut.of(chosen),
+                **freshness(store),
             )
 
         return await bounded(identify_faces)
