@@ -347,7 +347,7 @@ def test_index_finds_every_face_of_group_pictures(tmp_path, lfw, model, single_t
         same = (who[:, None] == who[None]) & ~np.eye(6, dtype=bool)
         assert sims[same].min() > sims[who[:, None] != who[None]].max()
         details = [lib.face_details(int(i)) for i in table.ids]
-        assert all(0 < d["quality"]["score"] <= 1 and d["source"] == "mtcnn" for d in details)
+        assert all(0 < d["quality"]["score"] <= 1 and d["source"] == "detected" for d in details)
         assert lib.thumbnail(int(table.ids[0]))[:2] == b"\xff\xd8"
 
         # incremental: nothing new -> nothing processed; a changed and a deleted file
