@@ -67,18 +67,24 @@ class FaceSearch:
     face filling a thumbnail reaches the detector's smallest face (MTCNN: 40 px) with room
     to spare; pad: border added on each side, as a fraction of the (enlarged) image's side,
     so a face that fills the frame gets the context a detector trained on photos expects;
-    pad_mode: "edge" (replicate the border pixels) or "constant" (mid grey).
+    pad_mode: "edge" (replicate the border pixels) or "constant" (mid grey); padded_side: the
+    padded view is reduced so its longer side is at most this: padding helps only a face that
+    fills the frame, which stays hundreds of pixels wide there, while a large photo padded at
+    full size costs the detector many times the photo itself (measured in docs/collections.md).
     """
 
     upsample_to: int = 3 * MIN_FACE_SIZE
     pad: float = 0.5
     pad_mode: str = "constant"
+    padded_side: int = 640
 
     def __post_init__(self) -> None:
         if self.pad_mode not in ("edge", "constant"):
             raise ValueError(f"pad_mode must be 'edge' or 'constant', not {self.pad_mode!r}")
         if self.pad < 0 or self.upsample_to < 0:
             raise ValueError("pad and upsample_to must not be negative")
+        if self.padded_side < 2 * MIN_FACE_SIZE:
+            raise ValueError(f"padded_side must be at least {2 * MIN_FACE_SIZE}")
 
 
 @dataclass
@@ -175,6 +181,11 @@ def _search_views(
         picture = picture.resize(size, Image.BICUBIC)
         views.append((UPSAMPLED, np.asarray(picture), scale, 0.0))
     if search.pad > 0:
+        shrink = search.padded_side / ((1 + 2 * search.pad) * max(picture.size))
+        if shrink < 1:
+            size = (max(1, round(picture.width * shrink)), max(1, round(picture.height * shrink)))
+            picture = picture.resize(size, Image.BILINEAR, reducing_gap=2.0)
+            scale *= shrink
         border = round(search.pad * max(picture.size))
         if search.pad_mode == "edge":
             array = np.asarray(picture)
