@@ -697,3 +697,32 @@ def test_a_version_1_library_is_migrated_to_route_names(tmp_path):
         db.execute("UPDATE lib_meta SET value = '3' WHERE key = 'schema_version'")
     with pytest.raises(LibraryError, match="schema version 3"):
         Library(path)
+
+
+def test_a_version_1_library_retries_its_photos_without_faces(
+    tmp_path, model, blair, single_torch_thread
+):
+    """Version 1 had no retries: a thumbnail it indexed has no face. After the migration the
+    next run reads it again and finds it; the photo whose face it had keeps that face."""
+    from test_inputs import tight_crops
+
+    from facelab.collections.indexer import index_folder
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(blair).save(photos / "photo.png")
+    Image.fromarray(tight_crops([blair], 32)[0]).save(photos / "thumb.png")
+    path = tmp_path / "lib.db"
+    with Library(path, create=True) as lib:
+        index_folder(lib, model, photos, progress=False)
+        kept = int(lib.faces().ids[0])
+    with sqlite3.connect(path) as db:  # what version 1 left: no face in the thumbnail
+        db.execute("DELETE FROM lib_faces WHERE source = 'upsampled'")
+        db.execute("UPDATE lib_files SET faces = 0 WHERE path LIKE '%thumb.png'")
+        db.execute("UPDATE lib_faces SET source = 'mtcnn'")
+        db.execute("UPDATE lib_meta SET value = '1' WHERE key = 'schema_version'")
+    with Library(path) as lib:
+        report = index_folder(lib, model, photos, progress=False)
+        assert (report.indexed, report.routes) == (1, {"upsampled": 1})
+        assert _routes(lib) == {"photo.png": ["detected"], "thumb.png": ["upsampled"]}
+        assert int(lib.faces("lib_files.path LIKE '%photo.png'").ids[0]) == kept

@@ -21,7 +21,8 @@ upsampled, padded, whole_frame, aligned, centre_crop, centre_fallback); the dete
 model's preprocessing detector, recorded in `model`. Version 1 stored the detector's name
 (e.g. "mtcnn") or "centre-crop" there; opening a version 1 file migrates it in place (one
 transaction): a detector's name becomes `detected` (version 1 had no retries) and
-"centre-crop" `centre_fallback` (`centre_crop` for a model aligned by a centre crop).
+"centre-crop" `centre_fallback` (`centre_crop` for a model aligned by a centre crop), and its
+photos without a face are marked changed, so the next index run gives them the retries.
 
 A person row is a cluster; it has a name once the user gives it one. `pinned` marks a face the
 user placed by hand (re-clustering leaves it where it is); `ignored` one marked "not a face /
@@ -186,6 +187,8 @@ class Library:
             "UPDATE lib_faces SET source = CASE source WHEN ? THEN ? ELSE ? END",
             (V1_CENTRE, centre, DETECTED),
         )
+        # photos version 1 found no face in get the retries: the next run reads them again
+        db.execute("UPDATE lib_files SET sha256 = '', mtime_ns = -1 WHERE faces = 0")
         db.execute("UPDATE lib_meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
         log.info("%s: library schema 1 migrated to %d", self.path, SCHEMA_VERSION)
 
