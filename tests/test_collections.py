@@ -347,7 +347,7 @@ def test_index_finds_every_face_of_group_pictures(tmp_path, lfw, model, single_t
         same = (who[:, None] == who[None]) & ~np.eye(6, dtype=bool)
         assert sims[same].min() > sims[who[:, None] != who[None]].max()
         details = [lib.face_details(int(i)) for i in table.ids]
-        assert all(0 < d["quality"]["score"] <= 1 and d["source"] == "mtcnn" for d in details)
+        assert all(0 < d["quality"]["score"] <= 1 and d["source"] == "detected" for d in details)
         assert lib.thumbnail(int(table.ids[0]))[:2] == b"\xff\xd8"
 
         # incremental: nothing new -> nothing processed; a changed and a deleted file
@@ -471,3 +471,258 @@ def test_index_skips_a_fifo_instead_of_hanging(tmp_path, model):
     assert not worker.is_alive(), "indexing blocked on the FIFO"
     (report,) = reports
     assert report.unreadable == [os.path.abspath(photos / "stuck.jpg")] and report.faces == 0
+
+
+# -- faces as users bring them: the pipeline's routes, detector, aligned input, modes -----------
+
+
+def _routes(lib: Library) -> dict[str, list[str]]:
+    """Each photo's file name -> the routes of its faces, main face first ([] for none)."""
+    rows = lib.query(
+        "SELECT lib_files.path, f.source FROM lib_files LEFT JOIN lib_faces f "
+        "ON f.file_id = lib_files.id ORDER BY lib_files.path, f.face"
+    )
+    out: dict[str, list[str]] = {}
+    for path, source in rows:
+        out.setdefault(Path(path).name, []).extend([source] if source else [])
+    return out
+
+
+def _main_embeddings(lib: Library) -> dict[str, np.ndarray]:
+    table = lib.faces("f.face = 0")
+    return {Path(p).name: e for p, e in zip(table.file_paths, table.embeddings, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def blair(lfw) -> np.ndarray:
+    from test_inputs import face_path
+
+    from facelab.data.images import read_image
+
+    return read_image(face_path(lfw, "Tony_Blair"))
+
+
+def test_index_finds_faces_the_way_embed_does(tmp_path, model, blair, single_torch_thread):
+    """A thumbnail, a crop the frame cuts and a dark side-lit close crop: before, the indexer
+    dropped the first and the third (`--no-face skip`) and aligned the second on the
+    detector's points; now each takes embed's route and gets embed's embedding."""
+    from test_inputs import tight_crops
+
+    from facelab.collections.indexer import index_folder
+    from facelab.models.registry import DETECTORS
+    from facelab.pipeline import embed_images
+
+    close = tight_crops([blair], 112, side=0.85)[0]
+    # grey, gamma 2, lit from one side (docs/inputs.md's harsh variant)
+    dark = np.round(255 * (close.mean(-1) / 255) ** 2 * np.linspace(0.03, 1, 112)).astype(np.uint8)
+    assert len(DETECTORS.create("mtcnn").detect([np.stack([dark] * 3, -1)])[0]) == 0
+    images = {
+        "photo.png": blair,
+        "thumb.png": tight_crops([blair], 32)[0],
+        "close.png": close,
+        "dark.png": dark,
+        "wall.png": np.full((200, 300, 3), (120, 160, 200), np.uint8),
+    }
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, image in images.items():
+        Image.fromarray(image).save(photos / name)
+    with Library(tmp_path / "lib.db", create=True) as lib:
+        report = index_folder(lib, model, photos, progress=False)
+        routes = _routes(lib)
+        embedded = _main_embeddings(lib)
+        details = lib.face_details(int(lib.faces("f.face = 0").ids[0]))
+    assert routes == {
+        "photo.png": ["detected"],
+        "thumb.png": ["upsampled"],
+        "close.png": ["whole_frame"],
+        "dark.png": ["whole_frame"],  # found in the padded view; the face fills the frame
+        "wall.png": [],
+    }
+    assert report.routes == {"whole_frame": 2, "detected": 1, "upsampled": 1}
+    assert report.detector == "mtcnn" and 0 < details["quality"]["score"] <= 1
+    names = sorted(embedded)
+    embed = embed_images(model, [photos / n for n in names], progress=False)
+    assert embed.routes.tolist() == [routes[n][0] for n in names]
+    for name, row in zip(names, embed.embeddings, strict=True):
+        assert float(row @ embedded[name]) > 0.9999, name
+    photo = embedded["photo.png"]
+    assert min(float(photo @ embedded[n]) for n in ("thumb.png", "close.png", "dark.png")) > 0.9
+
+
+@pytest.mark.parametrize(
+    ("no_face", "route"), [("whole_frame", "whole_frame"), ("centre", "centre_fallback")]
+)
+def test_no_face_fallbacks_name_their_route(tmp_path, model, no_face, route, single_torch_thread):
+    from facelab.collections.indexer import IndexConfig, index_folder
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (300, 200), (120, 160, 200)).save(photos / "wall.png")
+    with Library(tmp_path / "lib.db", create=True) as lib:
+        index_folder(lib, model, photos, IndexConfig(no_face=no_face), progress=False)
+        assert _routes(lib) == {"wall.png": [route]}
+        box = lib.faces().boxes[0]
+    assert box.tolist() == ([0, 0, 300, 200] if no_face == "whole_frame" else [90, 40, 210, 160])
+
+
+def test_library_records_its_detector_and_refuses_another(
+    tmp_path, lfw, model, caplog, single_torch_thread
+):
+    from facelab import api
+    from facelab.cli import main
+    from facelab.data.images import read_image
+    from facelab.models.detectors.mtcnn import main_face
+    from facelab.models.registry import DETECTORS
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    people = ("Tony_Blair", "Colin_Powell", "Serena_Williams")
+    for name in people[:2]:
+        (photos / f"{name}.jpg").symlink_to(lfw / "images" / name / f"{name}_0001.jpg")
+    lib = tmp_path / "lib.db"
+    report = api.index_photos(lib, photos, model, detector="blazeface", progress=False)
+    assert (report.faces, report.detector, report.routes) == (2, "blazeface", {"detected": 2})
+
+    def main_boxes(library: Path) -> dict[str, np.ndarray]:
+        with Library(library) as opened:
+            table = opened.faces("f.face = 0")
+        return dict(zip(table.file_paths, table.boxes, strict=True))
+
+    def blazeface_boxes(paths: list[str]) -> np.ndarray:
+        images = [read_image(p) for p in paths]
+        found = DETECTORS.create("blazeface").detect(images)
+        return [d.boxes[main_face(d, im.shape)] for d, im in zip(found, images, strict=True)]
+
+    with Library(lib) as opened:
+        assert opened.detector() == "blazeface"
+    boxes = main_boxes(lib)  # blazeface's, not MTCNN's
+    np.testing.assert_allclose(list(boxes.values()), blazeface_boxes(list(boxes)), atol=1e-3)
+
+    name = people[2]
+    (photos / f"{name}.jpg").symlink_to(lfw / "images" / name / f"{name}_0001.jpg")
+    with pytest.raises(LibraryError, match="built with the blazeface detector, not mtcnn"):
+        api.index_photos(lib, photos, model, detector="mtcnn", progress=False)
+    assert main(["index", str(photos), "--library", str(lib), "--detector", "mtcnn"]) == 2
+    assert "--detector blazeface" in caplog.text
+    with Library(lib) as opened:
+        assert opened.stats()["files"] == 2  # nothing mixed in
+    again = api.index_photos(lib, photos, model, progress=False)  # the library's detector
+    assert (again.indexed, again.faces, again.detector) == (1, 1, "blazeface")
+
+    # no --detector on a new library: the model's preprocessing detector, as embed uses
+    own = api.with_detector(model, "blazeface")
+    fresh = api.index_photos(tmp_path / "own.db", photos, own, progress=False)
+    assert (fresh.faces, fresh.detector) == (3, "blazeface")
+    boxes = main_boxes(tmp_path / "own.db")
+    np.testing.assert_allclose(list(boxes.values()), blazeface_boxes(list(boxes)), atol=1e-3)
+
+
+def test_index_takes_aligned_crops(tmp_path, model, blair, single_torch_thread):
+    from facelab.collections.indexer import IndexConfig, index_folder
+    from facelab.data.align import ARCFACE_TEMPLATE_112, warp_to_template
+    from facelab.models.detectors.mtcnn import main_face
+    from facelab.models.registry import DETECTORS
+    from facelab.pipeline import embed_images
+
+    det = DETECTORS.create("mtcnn").detect([blair])[0]
+    marks = det.landmarks[main_face(det, blair.shape)]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    crop = warp_to_template(blair, marks, np.asarray(ARCFACE_TEMPLATE_112), 112)
+    Image.fromarray(crop).save(photos / "aligned.png")
+    with Library(tmp_path / "lib.db", create=True) as lib:
+        report = index_folder(lib, model, photos, IndexConfig(input="aligned"), progress=False)
+        assert report.routes == {"aligned": 1}
+        table = lib.faces()
+    assert table.boxes.tolist() == [[0, 0, 112, 112]]
+    photo = embed_images(model, [blair], progress=False).embeddings[0]
+    assert float(photo @ table.embeddings[0]) > 0.95
+
+
+def test_index_decodes_every_photo_mode(tmp_path, model, blair, single_torch_thread):
+    """A phone photo stored sideways, 16-bit grey, CMYK, transparency, a palette: each decoded
+    upright RGB, its face detected and embedded like the original."""
+    from test_inputs import encoded
+
+    from facelab.collections.indexer import index_folder
+
+    upright = Image.fromarray(blair)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to show
+    rgba = np.dstack([blair, np.full(blair.shape[:2], 255, np.uint8)])
+    rgba[:20, :, 3] = 0  # a transparent band at the top
+    grey16 = (np.asarray(upright.convert("L"), np.uint16) * 257).astype("<u2")
+    files = {
+        "photo.png": encoded(upright),
+        "phone.jpg": encoded(upright.rotate(90, expand=True), "JPEG", quality=95, exif=exif),
+        "grey16.png": encoded(Image.frombytes("I;16", upright.size, grey16.tobytes())),
+        "cmyk.jpg": encoded(upright.convert("CMYK"), "JPEG", quality=95),
+        "alpha.png": encoded(Image.fromarray(rgba, "RGBA")),
+        "palette.png": encoded(upright.convert("P", palette=Image.ADAPTIVE)),
+    }
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, data in files.items():
+        (photos / name).write_bytes(data)
+    with Library(tmp_path / "lib.db", create=True) as lib:
+        report = index_folder(lib, model, photos, progress=False)
+        routes = _routes(lib)
+        embedded = _main_embeddings(lib)
+    assert report.unreadable == []
+    assert routes == {name: ["detected"] for name in files}
+    cosines = {n: round(float(embedded[n] @ embedded["photo.png"]), 3) for n in files}
+    assert min(cosines.values()) > 0.98, cosines
+
+
+def test_a_version_1_library_is_migrated_to_route_names(tmp_path):
+    """Version 1 stored the detector's name or "centre-crop" in `source`."""
+    path = tmp_path / "lib.db"
+    with Library(path, create=True) as lib:
+        lib.bind_model(ModelInfo("toy", "f" * 16, DIM, {"alignment": "five_point"}), None)
+        faces = [_face(0, _unit(np.ones(DIM))), _face(1, _unit(np.ones(DIM)))]
+        lib.store_files([IndexedFile("/p/1.jpg", "sha", 1, 1, faces)])
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE lib_faces SET source = CASE face WHEN 0 THEN 'mtcnn' ELSE 'centre-crop' END"
+        )
+        db.execute("UPDATE lib_meta SET value = '1' WHERE key = 'schema_version'")
+    with Library(path) as lib:
+        assert lib.meta("schema_version") == "2"
+        assert [lib.face_details(int(i))["source"] for i in lib.faces().ids] == [
+            "detected",
+            "centre_fallback",
+        ]
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE lib_meta SET value = '3' WHERE key = 'schema_version'")
+    with pytest.raises(LibraryError, match="schema version 3"):
+        Library(path)
+
+
+def test_a_version_1_library_retries_its_photos_without_faces(
+    tmp_path, model, blair, single_torch_thread
+):
+    """Version 1 had no retries: a thumbnail it indexed has no face. After the migration the
+    next run reads it again and finds it; the photo whose face it had keeps that face."""
+    from test_inputs import tight_crops
+
+    from facelab.collections.indexer import index_folder
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(blair).save(photos / "photo.png")
+    Image.fromarray(tight_crops([blair], 32)[0]).save(photos / "thumb.png")
+    path = tmp_path / "lib.db"
+    with Library(path, create=True) as lib:
+        index_folder(lib, model, photos, progress=False)
+        kept = int(lib.faces().ids[0])
+    with sqlite3.connect(path) as db:  # what version 1 left: no face in the thumbnail
+        db.execute("DELETE FROM lib_faces WHERE source = 'upsampled'")
+        db.execute("UPDATE lib_files SET faces = 0 WHERE path LIKE '%thumb.png'")
+        db.execute("UPDATE lib_faces SET source = 'mtcnn'")
+        db.execute("UPDATE lib_meta SET value = '1' WHERE key = 'schema_version'")
+    with Library(path) as lib:
+        report = index_folder(lib, model, photos, progress=False)
+        assert (report.indexed, report.routes) == (1, {"upsampled": 1})
+        assert _routes(lib) == {"photo.png": ["detected"], "thumb.png": ["upsampled"]}
+        assert int(lib.faces("lib_files.path LIKE '%photo.png'").ids[0]) == kept

@@ -380,6 +380,33 @@ def test_later_routes_align_the_face(
     assert cosines.min() > 0.95, f"{route}: {np.round(cosines, 3)}"
 
 
+class MissesTheOriginal:
+    """MTCNN that finds nothing in images of one shape (the photo as given): forces a retry."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape, self.mtcnn, self.seen = shape, DETECTORS.create("mtcnn"), []
+
+    def detect(self, images: list[np.ndarray]) -> list[object]:
+        self.seen += [im.shape for im in images]
+        found = self.mtcnn.detect(images)
+        empty = self.mtcnn.detect([np.zeros((16, 16, 3), np.uint8)])[0]
+        return [empty if im.shape == self.shape else d for im, d in zip(images, found, strict=True)]
+
+
+def test_a_large_photo_is_padded_at_a_bounded_size(
+    model: object, photos: list[np.ndarray], photo_embeddings: np.ndarray
+) -> None:
+    """Padding a 700x700 crop at full size gave the detector 1400x1400 pixels (a large photo
+    without a face: many times its own cost); the padded view is reduced to 640 and what is
+    found there is mapped back to the crop's pixels."""
+    crop = tight_crops(photos[:1], 700)[0]
+    detector = MissesTheOriginal(crop.shape)
+    result = embed_images(model, [crop], detector=detector, progress=False)
+    assert result.routes.tolist() == ["padded"]
+    assert detector.seen == [(700, 700, 3), (640, 640, 3)]  # the crop, then the padded view
+    assert float(result.embeddings[0] @ photo_embeddings[0]) > 0.95
+
+
 def test_data_check_lists_a_fifo_without_hanging(tmp_path: Path) -> None:
     from facelab.data.check import check_dataset
 

@@ -47,6 +47,7 @@ DETECTOR_COMMANDS = (
     "eval-identification",
     "score",
     "serve",
+    "index",
 )
 
 
@@ -658,6 +659,8 @@ def _threshold_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_collection_commands(sub: Any) -> None:
+    from facelab.collections.indexer import NO_FACE_POLICIES
+
     library = argparse.ArgumentParser(add_help=False)
     library.add_argument("--library", default="library.db", help="library file (library.db)")
 
@@ -667,10 +670,12 @@ def _add_collection_commands(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="photos per batch and commit")
     p.add_argument(
         "--no-face",
-        choices=("skip", "centre"),
+        choices=NO_FACE_POLICIES,
         default="skip",
-        help="photo without a detected face: no faces (default) or its centre crop",
+        help="photo in which no route finds a face: no faces (default), its centre crop "
+        "(pre-cropped sets such as LFW) or dlib's landmarks on the whole frame (face crops)",
     )
+    _input_option(p)
 
     p = sub.add_parser("cluster", help="group the library's unnamed faces", parents=[library])
     _threshold_options(p)
@@ -712,8 +717,8 @@ def _add_collection_commands(sub: Any) -> None:
 def _index(args: argparse.Namespace) -> None:
     from facelab.collections.indexer import IndexConfig
 
-    config = IndexConfig(batch_size=args.batch_size, no_face=args.no_face)
-    report = api.index_photos(args.library, args.photos, args.model, config)
+    config = IndexConfig(batch_size=args.batch_size, no_face=args.no_face, input=args.input)
+    report = api.index_photos(args.library, args.photos, args.model, config, detector=args.detector)
     print(json.dumps(asdict(report) | {"faces_per_s": round(report.faces_per_s, 1)}))
 
 
@@ -934,6 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_submission_commands(sub)
     _add_deployment_commands(sub)
+    _add_collection_commands(sub)
     for name in DETECTOR_COMMANDS:
         sub.choices[name].add_argument(
             "--detector",
@@ -941,7 +947,6 @@ def build_parser() -> argparse.ArgumentParser:
             "(faster; for faces that fill a good part of the photo) or blazeface_full; default: "
             "the model's (a gallery's: the one it was built with)",
         )
-    _add_collection_commands(sub)
     return parser
 
 

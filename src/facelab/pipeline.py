@@ -67,18 +67,24 @@ class FaceSearch:
     face filling a thumbnail reaches the detector's smallest face (MTCNN: 40 px) with room
     to spare; pad: border added on each side, as a fraction of the (enlarged) image's side,
     so a face that fills the frame gets the context a detector trained on photos expects;
-    pad_mode: "edge" (replicate the border pixels) or "constant" (mid grey).
+    pad_mode: "edge" (replicate the border pixels) or "constant" (mid grey); padded_side: the
+    padded view is reduced so its longer side is at most this: padding helps only a face that
+    fills the frame, which stays hundreds of pixels wide there, while a large photo padded at
+    full size costs the detector many times the photo itself (measured in docs/collections.md).
     """
 
     upsample_to: int = 3 * MIN_FACE_SIZE
     pad: float = 0.5
     pad_mode: str = "constant"
+    padded_side: int = 640
 
     def __post_init__(self) -> None:
         if self.pad_mode not in ("edge", "constant"):
             raise ValueError(f"pad_mode must be 'edge' or 'constant', not {self.pad_mode!r}")
         if self.pad < 0 or self.upsample_to < 0:
             raise ValueError("pad and upsample_to must not be negative")
+        if self.padded_side < 2 * MIN_FACE_SIZE:
+            raise ValueError(f"padded_side must be at least {2 * MIN_FACE_SIZE}")
 
 
 @dataclass
@@ -175,6 +181,11 @@ def _search_views(
         picture = picture.resize(size, Image.BICUBIC)
         views.append((UPSAMPLED, np.asarray(picture), scale, 0.0))
     if search.pad > 0:
+        shrink = search.padded_side / ((1 + 2 * search.pad) * max(picture.size))
+        if shrink < 1:
+            size = (max(1, round(picture.width * shrink)), max(1, round(picture.height * shrink)))
+            picture = picture.resize(size, Image.BILINEAR, reducing_gap=2.0)
+            scale *= shrink
         border = round(search.pad * max(picture.size))
         if search.pad_mode == "edge":
             array = np.asarray(picture)
@@ -228,16 +239,32 @@ def fills_frame(box: np.ndarray, shape: tuple[int, ...]) -> bool:
     return max(box[2] - box[0], box[3] - box[1]) >= max(shape[:2])
 
 
+def detected_landmarks(image: np.ndarray, located: Located, index: int) -> tuple[str, np.ndarray]:
+    """(route, detector-order five points) of detected face `index`. A face that fills the
+    frame takes its points from dlib's shape model run on the whole frame (dlib's convention
+    for crops): a detector trained on photos places points worse on a face the frame cuts
+    (measured in docs/inputs.md)."""
+    if fills_frame(located.detections.boxes[index], image.shape):
+        return WHOLE_FRAME, whole_frame_landmarks(image)
+    return located.route, located.detections.landmarks[index]
+
+
 def detected_points(
     spec: Preprocess, image: np.ndarray, located: Located, index: int
 ) -> tuple[str, np.ndarray]:
-    """(route, alignment points) of detected face `index`. A face that fills the frame is
-    aligned on dlib's shape model run on the whole frame (dlib's convention for crops): a
-    detector trained on photos places points worse on a face the frame cuts (measured in
-    docs/inputs.md)."""
-    if fills_frame(located.detections.boxes[index], image.shape):
-        return WHOLE_FRAME, alignment_points(spec, image, whole_frame_landmarks(image))
-    return located.route, alignment_points(spec, image, located.detections.landmarks[index])
+    """(route, alignment points) of detected face `index` (`detected_landmarks`)."""
+    route, landmarks = detected_landmarks(image, located, index)
+    return route, alignment_points(spec, image, landmarks)
+
+
+def fallback_landmarks(image: np.ndarray, no_face: str, name: str) -> tuple[str, np.ndarray | None]:
+    """(route, detector-order five points) where no route found a face: dlib's shape model on
+    the whole frame, or (no_face="centre", logged naming the image) None for LFW's centre
+    geometry (`alignment_points` of None)."""
+    if no_face == "centre":
+        log.warning("%s: no face found, assumed centred (route %s)", name, CENTRE_FALLBACK)
+        return CENTRE_FALLBACK, None
+    return WHOLE_FRAME, whole_frame_landmarks(image)
 
 
 def face_points(
@@ -248,10 +275,8 @@ def face_points(
     index = main_face(located.detections, image.shape)
     if index is not None:
         return detected_points(spec, image, located, index)
-    if no_face == "centre":
-        log.warning("%s: no face found, assumed centred (route %s)", name, CENTRE_FALLBACK)
-        return CENTRE_FALLBACK, alignment_points(spec, image, None)
-    return WHOLE_FRAME, alignment_points(spec, image, whole_frame_landmarks(image))
+    route, landmarks = fallback_landmarks(image, no_face, name)
+    return route, alignment_points(spec, image, landmarks)
 
 
 # Names the default detector and face-selection rule in cache keys: faces cached under
@@ -311,6 +336,14 @@ def check_options(input: str, no_face: str) -> None:
         raise ValueError(f"no_face must be one of {NO_FACE_FALLBACKS}, not {no_face!r}")
 
 
+def face_cropper(spec: Preprocess, input: str) -> Preprocess:
+    """The preprocessing that cuts the faces of `input` images: the model's own, except that a
+    centre-crop model keeps all of an aligned crop (the crop is the face)."""
+    if input == "aligned" and spec.alignment not in LANDMARK_ALIGNMENTS:
+        return replace(spec, crop=1.0)
+    return spec
+
+
 def _points_of_batch(
     spec: Preprocess,
     images: list[np.ndarray],
@@ -367,9 +400,7 @@ def embed_images(
     aligner = None
     if spec.alignment in LANDMARK_ALIGNMENTS and input == "photo":
         aligner = make_detector(spec, detector)
-    cropper = spec
-    if input == "aligned" and spec.alignment not in LANDMARK_ALIGNMENTS:
-        cropper = replace(spec, crop=1.0)  # an aligned crop is the face: keep all of it
+    cropper = face_cropper(spec, input)
     batches = [paths[s : s + batch_size] for s in range(0, len(paths), batch_size)]
     seconds = dict.fromkeys(("read", "detect", "align", "embed"), 0.0)
     chunks = []

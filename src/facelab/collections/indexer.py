@@ -15,10 +15,12 @@ import io
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -29,31 +31,51 @@ from facelab.collections.quality import face_quality
 from facelab.data.folders import list_images
 from facelab.data.images import ImageError, decode_image, read_image_bytes
 from facelab.gallery.store import ModelInfo
-from facelab.models.detectors.mtcnn import Detections, face_order
+from facelab.models.detectors.mtcnn import face_order
 from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS
-from facelab.models.registry import DETECTORS
-from facelab.pipeline import alignment_points, centred_box, centred_landmarks
+from facelab.pipeline import (
+    ALIGNED,
+    CENTRE_CROP,
+    INPUT_MODES,
+    NO_FACE_FALLBACKS,
+    Located,
+    aligned_landmarks,
+    alignment_points,
+    centred_box,
+    centred_landmarks,
+    detected_landmarks,
+    face_cropper,
+    fallback_landmarks,
+    locate_faces,
+    make_detector,
+)
 
 log = logging.getLogger(__name__)
 
-NO_FACE_POLICIES = ("skip", "centre")
-CENTRE_SOURCE = "centre-crop"  # the `source` of a face assumed to fill the centre crop
+# A photo in which no route finds a face: no faces, its centre crop (pre-cropped sets such as
+# LFW), or dlib's shape model on the whole frame (a folder of face crops).
+NO_FACE_POLICIES = ("skip", *NO_FACE_FALLBACKS)
 
 
 @dataclass(frozen=True)
 class IndexConfig:
     """batch_size: photos per batch (and per committed transaction); thumbnail: longest side
-    in pixels; no_face: "skip" (a photo without a detected face has no faces) or "centre" (take
-    the centre crop as its face, for pre-cropped sets such as LFW)."""
+    in pixels; no_face: where no route finds a face, "skip" (the photo has no faces), "centre"
+    (its centre crop, for pre-cropped sets such as LFW) or "whole_frame" (dlib's shape model
+    on the whole frame, for a folder of face crops); input: "photo" (find the faces) or
+    "aligned" (each image is one aligned face crop, `pipeline.aligned_landmarks`). The detector
+    is the model's (`Preprocess.detector`; `api.with_detector` changes it)."""
 
     batch_size: int = 32
     thumbnail: int = 96
     jpeg_quality: int = 85
     no_face: str = "skip"
-    detector: str = "mtcnn"
+    input: str = "photo"
 
     def __post_init__(self) -> None:
+        if self.input not in INPUT_MODES:
+            raise ValueError(f"input must be one of {INPUT_MODES}, not {self.input!r}")
         if self.no_face not in NO_FACE_POLICIES:
             raise ValueError(f"no_face must be one of {NO_FACE_POLICIES}, not {self.no_face!r}")
         if self.batch_size < 1 or self.thumbnail < 8:
@@ -70,6 +92,8 @@ class IndexReport:
     unreadable: list[str]
     faces: int  # faces stored by this run
     seconds: float
+    routes: dict[str, int]  # faces stored by this run, by how each was found (pipeline.ROUTES)
+    detector: str | None  # the library's detector (the model's; None: it aligns without one)
 
     @property
     def faces_per_s(self) -> float:
@@ -139,78 +163,92 @@ def _changed(
     return todo, stored, vanished, len(on_disk)
 
 
+class _Found(NamedTuple):
+    """One face of a photo before embedding. landmarks: detector-order five points in image
+    pixels (stored; quality reads them); alignment: what `alignment_points` aligns from (None:
+    the centre-crop region); a face no detector boxed has the whole frame (or the centre-crop
+    region) as box and score 0."""
+
+    route: str  # facelab.pipeline.ROUTES
+    box: tuple[float, ...]
+    landmarks: np.ndarray
+    score: float
+    alignment: np.ndarray | None
+
+
 class _FaceFinder:
-    """Detect every face of a batch of photos, align each with the model's preprocessing,
-    embed them, and measure quality and thumbnails."""
+    """Find every face of a batch of photos the way `facelab embed` finds one (the pipeline's
+    routes: the detector, its retries on the photos where it found nothing, dlib's shape model
+    where a face fills the frame), align each with the model's preprocessing, embed them, and
+    measure quality and thumbnails."""
 
     def __init__(self, model: FaceModel, config: IndexConfig) -> None:
         self.dim = model.embedding_dim  # the traced copy cannot be probed for it
         self.model = model.for_inference()
         self.spec = model.preprocess
+        self.cropper = face_cropper(self.spec, config.input)
         self.config = config
         self.detector = (
-            DETECTORS.create(config.detector)
-            if self.spec.alignment in LANDMARK_ALIGNMENTS
+            make_detector(self.spec)
+            if self.spec.alignment in LANDMARK_ALIGNMENTS and config.input == "photo"
             else None
         )
 
-    def _candidates(
-        self, image: np.ndarray, det: Detections | None
-    ) -> list[tuple[tuple[float, ...], np.ndarray, float, str]]:
-        """(box, landmarks, detection score, source) of each face of one photo, main one first."""
-        if det is not None and len(det):
-            return [
-                (
-                    tuple(float(v) for v in det.boxes[j]),
-                    det.landmarks[j],
-                    float(det.scores[j]),
-                    self.config.detector,
-                )
-                for j in face_order(det, image.shape)
-            ]
-        if self.config.no_face == "skip" and det is not None:
+    def _centred(self, route: str, image: np.ndarray) -> _Found:
+        """A face assumed to fill the centre-crop region: that box and the template's points
+        there (stored, and read by the quality); it is aligned as `alignment_points` of None."""
+        template = np.zeros((5, 2)) if self.spec.template is None else self.spec.template
+        marks = centred_landmarks(np.asarray(template), self.spec.size, image.shape, self.spec.crop)
+        return _Found(route, centred_box(image.shape, self.spec.crop), marks, 0.0, None)
+
+    def _faces(self, image: np.ndarray, located: Located | None, name: str) -> list[_Found]:
+        """Each face of one photo, main one first (`face_order`)."""
+        h, w = image.shape[:2]
+        frame = (0.0, 0.0, float(w), float(h))
+        if self.config.input == "aligned":
+            marks = aligned_landmarks(image.shape)
+            return [_Found(ALIGNED, frame, marks, 0.0, marks)]
+        if located is None:  # a centre-crop model: no detector by design
+            return [self._centred(CENTRE_CROP, image)]
+        det = located.detections
+        if len(det):
+            faces = []
+            for j in face_order(det, image.shape):
+                route, marks = detected_landmarks(image, located, j)
+                box = tuple(float(v) for v in det.boxes[j])
+                faces.append(_Found(route, box, marks, float(det.scores[j]), marks))
+            return faces
+        if self.config.no_face == "skip":
             return []
-        marks = centred_landmarks(
-            np.asarray(self.spec.template) if self.spec.template is not None else np.zeros((5, 2)),
-            self.spec.size,
-            image.shape,
-            self.spec.crop,
-        )
-        return [
-            (
-                tuple(float(v) for v in centred_box(image.shape, self.spec.crop)),
-                marks,
-                0.0,
-                CENTRE_SOURCE,
-            )
-        ]
+        route, marks = fallback_landmarks(image, self.config.no_face, name)
+        if marks is None:
+            return [self._centred(route, image)]
+        return [_Found(route, frame, marks, 0.0, marks)]
 
     def run(self, loaded: list[_Loaded]) -> list[IndexedFile]:
         images = [item.image for item in loaded if item.image is not None]
-        detections = (
-            self.detector.detect(images)
+        located = (
+            locate_faces(self.detector, images)
             if self.detector is not None and images
             else [None] * len(images)
         )
-        per_file: list[list[tuple]] = []
-        crops: list[np.ndarray] = []
-        it = iter(zip(images, detections, strict=True))
+        per_file: list[list[tuple[_Found, np.ndarray, np.ndarray]]] = []  # face, image, crop
+        it = iter(zip(images, located, strict=True))
         for item in loaded:
             if item.image is None:
                 per_file.append([])
                 continue
-            image, det = next(it)
+            image, found_here = next(it)
             found = []
-            for box, marks, score, source in self._candidates(image, det):
+            for face in self._faces(image, found_here, item.path):
                 points = (
-                    alignment_points(self.spec, image, None if source == CENTRE_SOURCE else marks)
+                    alignment_points(self.spec, image, face.alignment)
                     if self.spec.alignment in LANDMARK_ALIGNMENTS
                     else None
                 )
-                crop = self.spec.crop_face(image, points)
-                crops.append(crop)
-                found.append((box, marks, score, source, crop, image))
+                found.append((face, image, self.cropper.crop_face(image, points)))
             per_file.append(found)
+        crops = [crop for found in per_file for _, _, crop in found]
         embeddings = (
             self.model.embed_tensors(self.spec.normalise(np.stack(crops)))
             if crops
@@ -222,17 +260,17 @@ class _FaceFinder:
             faces = [
                 IndexedFace(
                     face=number,
-                    box=box,
-                    landmarks=np.asarray(marks, np.float32),
-                    det_score=score,
-                    source=source,
-                    quality=face_quality(crop, marks).as_dict(),
+                    box=face.box,
+                    landmarks=np.asarray(face.landmarks, np.float32),
+                    det_score=face.score,
+                    source=face.route,
+                    quality=face_quality(crop, face.landmarks).as_dict(),
                     embedding=next(rows),
                     thumbnail=thumbnail_jpeg(
-                        image, box, self.config.thumbnail, self.config.jpeg_quality
+                        image, face.box, self.config.thumbnail, self.config.jpeg_quality
                     ),
                 )
-                for number, (box, marks, score, source, crop, image) in enumerate(found)
+                for number, (face, image, crop) in enumerate(found)
             ]
             out.append(
                 IndexedFile(
@@ -261,9 +299,11 @@ def index_folder(
     if vanished:
         library.remove_files(vanished)
         log.info("%d files gone from %s: their faces dropped", len(vanished), root)
+    spec = model.preprocess
     finder = _FaceFinder(model, config) if todo else None
     batches = [todo[s : s + config.batch_size] for s in range(0, len(todo), config.batch_size)]
     indexed = faces = 0
+    routes: Counter[str] = Counter()
     same_content: dict[str, FileState] = {}
     unreadable: list[str] = []
     bar = tqdm(total=len(todo), desc="indexing", unit="photo", disable=not progress)
@@ -289,6 +329,7 @@ def index_folder(
             library.store_files(results)
             indexed += len(results)
             faces += sum(len(r.faces) for r in results)
+            routes.update(face.source for r in results for face in r.faces)
             bar.update(len(loaded))
             bar.set_postfix(faces_per_s=f"{faces / max(bar.format_dict['elapsed'], 1e-9):.1f}")
     bar.close()
@@ -303,4 +344,6 @@ def index_folder(
         unreadable=unreadable,
         faces=faces,
         seconds=time.perf_counter() - start,
+        routes=dict(routes.most_common()),
+        detector=spec.detector if spec.alignment in LANDMARK_ALIGNMENTS else None,
     )

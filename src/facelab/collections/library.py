@@ -6,7 +6,7 @@ One SQLite file is both a facelab gallery (`GalleryStore`: the named people, enr
 transaction in WAL mode: a process killed at any point leaves the last committed state, and the
 indexer commits once per batch of photos.
 
-Layout (library schema version 1; the gallery keeps its own):
+Layout (library schema version 2; the gallery keeps its own):
 
     lib_meta(key, value)      schema_version, model (JSON of ModelInfo), model_source
     lib_files(id, path, sha256, size, mtime_ns, faces, indexed)
@@ -16,6 +16,14 @@ Layout (library schema version 1; the gallery keeps its own):
     lib_people(id, name NULL while an unnamed cluster, created)
     lib_actions(id, kind, summary, undo JSON, created)
 
+`source` is the pipeline's route that found the face (`facelab.pipeline.ROUTES`: detected,
+upsampled, padded, whole_frame, aligned, centre_crop, centre_fallback); the detector is the
+model's preprocessing detector, recorded in `model`. Version 1 stored the detector's name
+(e.g. "mtcnn") or "centre-crop" there; opening a version 1 file migrates it in place (one
+transaction): a detector's name becomes `detected` (version 1 had no retries) and
+"centre-crop" `centre_fallback` (`centre_crop` for a model aligned by a centre crop), and its
+photos without a face are marked changed, so the next index run gives them the retries.
+
 A person row is a cluster; it has a name once the user gives it one. `pinned` marks a face the
 user placed by hand (re-clustering leaves it where it is); `ignored` one marked "not a face /
 ignore" (never clustered, never searched).
@@ -24,6 +32,7 @@ ignore" (never clustered, never searched).
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -35,8 +44,13 @@ from typing import Any
 import numpy as np
 
 from facelab.gallery.store import GalleryError, GalleryStore, ModelInfo, write_transaction
+from facelab.models.preprocess import DEFAULT_DETECTOR, LANDMARK_ALIGNMENTS
+from facelab.pipeline import CENTRE_CROP, CENTRE_FALLBACK, DETECTED
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+V1_CENTRE = "centre-crop"  # version 1's source of a face assumed to fill the centre crop
 
 _SCHEMA = """
 CREATE TABLE lib_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -98,7 +112,7 @@ class IndexedFace:
     box: tuple[float, float, float, float]
     landmarks: np.ndarray  # (5, 2) image pixels
     det_score: float
-    source: str  # which detection path produced it
+    source: str  # the pipeline's route that found it (facelab.pipeline.ROUTES)
     quality: dict[str, float]  # `Quality.as_dict()`
     embedding: np.ndarray
     thumbnail: bytes  # JPEG
@@ -168,6 +182,10 @@ class Library:
                     db.execute(
                         "INSERT INTO lib_meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
                     )
+        if int(self.meta("schema_version") or 0) == 1:
+            with self.write() as db:
+                if int(self.meta("schema_version") or 0) == 1:
+                    self._migrate_from_1(db)
         version = int(self.meta("schema_version") or 0)
         if version != SCHEMA_VERSION:
             raise LibraryError(
@@ -180,6 +198,21 @@ class Library:
         return (
             db.execute("SELECT 1 FROM sqlite_master WHERE name = 'lib_meta'").fetchone() is not None
         )
+
+    def _migrate_from_1(self, db: sqlite3.Connection) -> None:
+        """Version 1 -> 2: `source` names the pipeline's route (module docstring)."""
+        model = self.model()
+        centre = CENTRE_FALLBACK
+        if model is not None and model.preprocess.get("alignment") not in LANDMARK_ALIGNMENTS:
+            centre = CENTRE_CROP
+        db.execute(
+            "UPDATE lib_faces SET source = CASE source WHEN ? THEN ? ELSE ? END",
+            (V1_CENTRE, centre, DETECTED),
+        )
+        # photos version 1 found no face in get the retries: the next run reads them again
+        db.execute("UPDATE lib_files SET sha256 = '', mtime_ns = -1 WHERE faces = 0")
+        db.execute("UPDATE lib_meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,))
+        log.info("%s: library schema 1 migrated to %d", self.path, SCHEMA_VERSION)
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -210,10 +243,24 @@ class Library:
         value = self.meta("model")
         return None if value is None else ModelInfo(**json.loads(value))
 
+    def detector(self) -> str | None:
+        """The face detector the library's faces were found with (its model's preprocessing),
+        None before anything was indexed."""
+        model = self.model()
+        return None if model is None else model.preprocess.get("detector", DEFAULT_DETECTOR)
+
     def bind_model(self, model: ModelInfo, source: str | None) -> None:
-        """Refuse a model other than the library's; record it (and how to load it) if new."""
+        """Refuse a model or detector other than the library's (its faces would not compare);
+        record it (and how to load it) if new."""
         stored = self.model()
         if stored is not None and stored.fingerprint != model.fingerprint:
+            built, asked = self.detector(), model.preprocess.get("detector", DEFAULT_DETECTOR)
+            if built != asked and stored.name == model.name:
+                raise LibraryError(
+                    f"{self.path}: library was built with the {built} detector, not {asked}; "
+                    f"index with --detector {built} (or without --detector), or into a new "
+                    f"library file"
+                )
             raise LibraryError(
                 f"{self.path}: library was indexed with {stored.describe()}, not "
                 f"{model.describe()}; use the library's model or a new library file"

@@ -42,11 +42,19 @@ def index_photos(
     model: FaceModel | str = "dlib_resnet",
     config: IndexConfig | None = None,
     progress: bool = True,
+    detector: str | None = None,
 ) -> IndexReport:
-    """Index (or bring up to date) every face of the photos under `folder` into `library`."""
+    """Index (or bring up to date) every face of the photos under `folder` into `library`.
+
+    detector: the face detector (a registered name); default: the one the library was built
+    with, else the model's own (`Preprocess.detector`), as `facelab embed` uses. A library
+    refuses faces found with another detector (`Library.bind_model`)."""
+    from facelab.api import with_detector
+
     with Library(library, create=True) as lib:
         source = model if isinstance(model, str) else lib.meta("model_source")
-        return index_folder(lib, library_model(lib, model), folder, config, source, progress)
+        chosen = with_detector(library_model(lib, model), detector or lib.detector())
+        return index_folder(lib, chosen, folder, config, source, progress)
 
 
 def cluster_people(
