@@ -87,7 +87,7 @@ def test_people_faces_photos_and_thumbnails(client: TestClient, library: Path) -
             assert jpeg == lib.thumbnail(face["id"])
             assert Image.open(io.BytesIO(jpeg)).format == "JPEG"
             assert face["person_id"] == powell and len(face["box"]) == 4
-            assert 0 < face["quality"]["score"] <= 1 and face["source"] == "mtcnn"
+            assert 0 < face["quality"]["score"] <= 1 and face["source"] == "detected"
     paths = sorted(Path(f["path"]).name for f in faces["faces"])
     assert paths == [
         "Colin_Powell_0001.jpg",

@@ -69,7 +69,9 @@ class LibraryFaceOut(BaseModel):
     box: list[float] = Field(description="x1, y1, x2, y2 in the photo's pixels")
     landmarks: list[list[float]]
     det_score: float
-    source: str = Field(description="the detection path that found the face")
+    source: str = Field(
+        description="the route that found the face (pipeline route: detected, upsampled, padded, whole_frame, ...)"
+    )
     quality: dict[str, float] = Field(description="score and its parts (docs/collections.md)")
     person_id: int | None
     pinned: bool
