@@ -35,6 +35,9 @@ from facelab.gallery.search import build_index
 log = logging.getLogger(__name__)
 
 UNCLUSTERED = -1
+# The clustering threshold's false-accept rate for N faces is this / N: each face expects this
+# many false matches among the others (chosen on LFW's development people, docs/collections.md).
+FALSE_MATCHES_PER_FACE = 0.3
 
 
 @dataclass(frozen=True)
