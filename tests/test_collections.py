@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from facelab.collections import people
-from facelab.collections.cluster import ClusterConfig
+from facelab.collections.cluster import FALSE_MATCHES_PER_FACE, ClusterConfig
 from facelab.collections.library import IndexedFace, IndexedFile, Library, LibraryError
 from facelab.collections.quality import (
     BLUR_HALF,
@@ -421,7 +421,8 @@ def test_cli_index_cluster_name_search(tmp_path, lfw, single_torch_thread, capsy
     assert main(["cluster", "--library", lib, "--far", "1e-3"]) == 2  # none calibrated
     assert "no calibrated threshold" in caplog.text
     report = run("cluster", "--library", lib)  # the model's operating point for 5 faces
-    assert report["target_far"] == 0.06 and "dlib_resnet at FAR 0.06" in report["threshold_source"]
+    assert report["target_far"] == pytest.approx(0.14)
+    assert "dlib_resnet at FAR 0.14" in report["threshold_source"]
     assert (report["clusters"], report["clustered_faces"]) == (2, 5)
     report = run("cluster", "--library", lib, "--threshold", "0.93")
     assert (report["clusters"], report["clustered_faces"], report["target_far"]) == (2, 5, None)
@@ -485,10 +486,10 @@ def test_threshold_for_far_interpolates_in_log_far():
 
 
 def test_clustering_threshold_is_the_models_point_at_false_matches_per_face():
-    chosen = clustering_threshold(SHIPPED, 30_000, "toy")  # FAR 0.3 / 30,000 = 1e-5
+    chosen = clustering_threshold(SHIPPED, 30_000, "toy", per_face=0.3)  # FAR 1e-5
     assert chosen.value == 0.95 and chosen.target_far == pytest.approx(1e-5)
     assert chosen.source.startswith("toy at FAR 1e-05 (0.3 / 30,000 faces)")
-    bigger = clustering_threshold(SHIPPED, 300_000, "toy")  # stricter for more faces
+    bigger = clustering_threshold(SHIPPED, 300_000, "toy", 0.3)  # stricter for more faces
     assert bigger.value == 0.96 and "threshold 0.9600 for target FAR 1e-06" in bigger.describe()
     with pytest.raises(GalleryError, match="toy carries no operating points.*--threshold"):
         clustering_threshold((), 1000, "toy")
@@ -496,14 +497,14 @@ def test_clustering_threshold_is_the_models_point_at_false_matches_per_face():
 
 def test_cluster_people_without_a_threshold_uses_the_models_points(library, model):
     """No --threshold, no --far: the model's operating point for the library's 7 faces (FAR
-    0.3 / 7, above its loosest point: that point); a model without points is refused."""
+    0.7 / 7, above its loosest point: that point); a model without points is refused."""
     from facelab import api
 
     report = api.cluster_people(library.path, model=model)
     loosest = max(model.operating_points, key=lambda p: p.target_far)
     assert report.threshold == loosest.threshold
-    assert report.target_far == pytest.approx(0.3 / 7)
-    assert "dlib_resnet at FAR 0.0429" in report.threshold_source
+    assert report.target_far == pytest.approx(FALSE_MATCHES_PER_FACE / 7)
+    assert "dlib_resnet at FAR 0.1 (0.7 / 7 faces)" in report.threshold_source
     bare = copy.copy(model)
     bare.operating_points = ()
     with pytest.raises(GalleryError, match="dlib_resnet carries no operating points"):
