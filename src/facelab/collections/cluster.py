@@ -287,14 +287,21 @@ def cluster_embeddings(
         return labels
     emb = emb[rows]
     depth = max(config.k, config.depth if config.normalise else 0)
-    scores, near = knn(emb, depth, config.index, config.exact_max)
+    labels[rows] = cluster_neighbours(emb, *knn(emb, depth, config.index, config.exact_max), config)
+    return labels
+
+
+def cluster_neighbours(
+    embeddings: np.ndarray, scores: np.ndarray, near: np.ndarray, config: ClusterConfig
+) -> np.ndarray:
+    """Steps after the k-NN search (`knn`, to depth >= `config.depth` when normalising): the
+    first pass, and with `config.normalise` the second on normalised scores."""
     i, j, _ = pairs_of(scores[:, : config.k], near[:, : config.k])
-    found = merge_rounds(emb, i, j, config)
+    found = merge_rounds(embeddings, i, j, config)
     if config.normalise:
         offsets = impostor_offsets(scores, near, found, config.cohort)
-        found = merge_rounds(emb, i, j, config, offsets)
-    labels[rows] = found
-    return labels
+        found = merge_rounds(embeddings, i, j, config, offsets)
+    return found
 
 
 def impostor_offsets(
