@@ -18,14 +18,15 @@ it is, checked one at a time, `_stars`), with a merge threshold that depends on 
   impostors; after local scaling, CSLS, Conneau et al. 2018), and the second pass clusters
   again from single faces on a.b - ((r_a + r_b) / 2 - median r) (`impostor_offsets`). A
   random cohort or the plain k-NN ranks instead hurt on LFW (docs/collections.md);
-- threshold: two single faces merge at `threshold` (the model's 1:1 operating point, e.g.
-  the cosine at a target false-accept rate); a mean over more faces is less noisy, so a pair
-  with evidence m = 2 |A| |B| / (|A| + |B|) (the harmonic mean of the sizes; the variance of a
-  difference of two means goes with 1/m; a face against a large cluster counts as 2) merges at
-  `floor + (threshold - floor) / m ** power`, floor = threshold - margin. The power (3) and
-  margin (0.015) were chosen on LFW's development people (docs/collections.md): in effect one
-  strict threshold between two single faces, and one a margin lower once either side has
-  more than one face.
+- threshold: two single faces merge at `threshold` (the model's 1:1 operating point: for N
+  faces, `facelab cluster` takes the cosine at FAR = `FALSE_MATCHES_PER_FACE` / N from the
+  model's shipped points, `collections.service.clustering_threshold`); a mean over more
+  faces is less noisy, so a pair with evidence m = 2 |A| |B| / (|A| + |B|) (the harmonic
+  mean of the sizes; the variance of a difference of two means goes with 1/m; a face against
+  a large cluster counts as 2) merges at `floor + (threshold - floor) / m ** power`,
+  floor = threshold - margin. The power (3) and margin (0.015) were chosen on LFW's
+  development people (docs/collections.md): in effect one strict threshold between two single
+  faces, and one a margin lower once either side has more than one face.
 - faces with quality below `min_quality` are not clustered (label -1): a blurred or turned face
   glued into the wrong person costs more than a face left out.
 """
