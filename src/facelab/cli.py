@@ -652,7 +652,7 @@ def _add_collection_commands(sub: Any) -> None:
     group.add_argument(
         "--threshold",
         type=_finite_float,
-        help="cosine threshold (default: the model's operating point at FAR 0.3 / N, N faces)",
+        help="cosine threshold (default: the model's operating point for the library's size)",
     )
     group.add_argument(
         "--far", type=_finite_float, help="the library's threshold calibrated for this FAR"
