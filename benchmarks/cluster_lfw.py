@@ -8,10 +8,14 @@ their quality, for `--min-quality`):
     PYTHONPATH=$PWD/src python3 benchmarks/cluster_lfw.py runs/lfw_all.npz
 
 Labels are the LFW names (the image's folder); they are used only to score. facelab's
-threshold is a 1:1 operating point of the model: the cosine at FAR = `--per-face-far` / N
-(default 0.3 expected false matches per face among N faces), measured on every pair of distinct
-images of LFW View 1 pairsDevTrain (`calibration_scores`), or `--far`, or `--threshold`; no LFW
-clustering label picks it. `--people peopleDevTest.txt` restricts the faces to one of View 1's
+threshold is what `facelab cluster` takes: the model's shipped operating point at FAR =
+`--per-face-far` / N (default `FALSE_MATCHES_PER_FACE`: expected false matches per face among N
+faces), interpolated in log FAR (`clustering_threshold`; the points were measured on every pair
+of distinct images of LFW View 1 pairsDevTrain by calibrate_pretrained.py). `--calibrate`
+measures it on these embeddings' pairsDevTrain images instead (for embeddings no model ships
+points for, e.g. `facelab embed --flip`); or `--far`, or `--threshold`. No LFW clustering label
+picks it. facelab runs as configured (normalised scores) and with raw cosines
+(`normalise=False`). `--people peopleDevTest.txt` restricts the faces to one of View 1's
 people lists. The baselines are swept over thresholds and shown at their best (oracle)
 pairwise-F and BCubed-F thresholds, which a user cannot know:
 
@@ -37,20 +41,28 @@ from pathlib import Path
 
 import numpy as np
 
-from facelab.collections.cluster import ClusterConfig, cluster_embeddings, knn_pairs
+from facelab.collections.cluster import (
+    FALSE_MATCHES_PER_FACE,
+    ClusterConfig,
+    cluster_embeddings,
+    knn_pairs,
+)
+from facelab.collections.service import clustering_threshold
 from facelab.data.trials import read_lfw_pairs, read_people
 from facelab.eval.clustering import clustering_report
 from facelab.eval.metrics import tpr_at_fpr
+from facelab.models.operating_points import pretrained_operating_points
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
 
 
-def load(npz: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load(npz: Path) -> tuple[np.ndarray, np.ndarray, list[str], str]:
     with np.load(npz) as data:
         paths = [str(p) for p in data["paths"]]
         emb = data["embeddings"].astype(np.float32)
+        model = str(data["model"]) if "model" in data.files else "dlib_resnet"
     names = np.array([Path(p).parent.name for p in paths])
-    return emb, np.unique(names, return_inverse=True)[1], paths
+    return emb, np.unique(names, return_inverse=True)[1], paths, model
 
 
 def load_library(path: Path) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
@@ -226,9 +238,15 @@ def main() -> None:
     parser.add_argument(
         "--per-face-far",
         type=float,
-        default=0.3,
+        default=FALSE_MATCHES_PER_FACE,
         help="facelab's threshold: the FAR at which a face among N has this many expected false "
         "matches (FAR = this / N)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure the operating point on these embeddings' pairsDevTrain images instead "
+        "of the model's shipped points",
     )
     parser.add_argument("--far", type=float, help="facelab's threshold at this FAR instead")
     parser.add_argument("--threshold", type=float, help="facelab's threshold, given")
@@ -251,11 +269,12 @@ def main() -> None:
     args = parser.parse_args()
 
     quality = None
+    model = "dlib_resnet"
     if args.embeddings.suffix == ".db":
         emb, truth, paths, quality = load_library(args.embeddings)
     else:
-        emb, truth, paths = load(args.embeddings)
-    if args.threshold is None:
+        emb, truth, paths, model = load(args.embeddings)
+    if args.threshold is None and (args.calibrate or args.far is not None):
         scores, same = calibration_scores(emb, paths, args.pairs)
     if args.people:
         keep = np.isin([Path(p).parent.name for p in paths], read_people(args.people))
@@ -267,29 +286,38 @@ def main() -> None:
         quality = None if quality is None else quality[keep]
     if args.threshold is not None:
         threshold, source = args.threshold, "given"
-    else:
+    elif args.calibrate or args.far is not None:
         far = args.far if args.far is not None else args.per_face_far / len(emb)
         threshold = operating_point(scores, same, far)
         source = (
             f"FAR {far:.3g} on all {int(same.sum()):,} genuine and {int((~same).sum()):,} "
             f"impostor pairs of {args.pairs.name} images"
         )
+    else:
+        chosen = clustering_threshold(
+            pretrained_operating_points(model), len(emb), model, args.per_face_far
+        )
+        threshold, source = chosen.value, chosen.source
     print(
         f"{len(emb):,} faces, {len(np.unique(truth)):,} people; threshold {threshold:.4f} "
         f"({source})"
     )
     results = []
     for gate in args.min_quality if quality is not None else [0.0]:
-        config = ClusterConfig(threshold=threshold, k=args.k, min_quality=gate)
-        results.append(
-            score(
-                "facelab" + (f", quality >= {gate:g}" if gate else ""),
-                lambda c=config: _singletons(cluster_embeddings(emb, c, quality)),
-                truth,
-                f"{threshold:.4f}",
+        for normalise in (True, False):
+            config = ClusterConfig(
+                threshold=threshold, k=args.k, min_quality=gate, normalise=normalise
             )
-        )
-        print(json.dumps(results[-1]), flush=True)
+            name = "facelab" + ("" if normalise else ", raw cosines")
+            results.append(
+                score(
+                    name + (f", quality >= {gate:g}" if gate else ""),
+                    lambda c=config: _singletons(cluster_embeddings(emb, c, quality)),
+                    truth,
+                    f"{threshold:.4f}",
+                )
+            )
+            print(json.dumps(results[-1]), flush=True)
     sweeps = {
         "dlib": ("dlib chinese_whispers_clustering", dlib_whispers, args.sweep),
         "agglomerative": ("scikit-learn agglomerative (average)", agglomerative, args.sweep),

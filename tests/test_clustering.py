@@ -83,8 +83,9 @@ def _same_partition(a, b) -> bool:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_full_graph_with_fixed_threshold_is_average_linkage(seed):
-    """With every pair a candidate and no size allowance, reciprocal-pair rounds give exactly
-    scikit-learn's average-linkage clustering cut at the same cosine; star rounds nearly."""
+    """With every pair a candidate, no size allowance and raw cosines (no normalisation),
+    reciprocal-pair rounds give exactly scikit-learn's average-linkage clustering cut at the
+    same cosine; star rounds nearly."""
     from sklearn.cluster import AgglomerativeClustering
 
     from facelab.collections.cluster import ClusterConfig, cluster_embeddings
@@ -94,15 +95,78 @@ def test_full_graph_with_fixed_threshold_is_average_linkage(seed):
     x = centres[rng.integers(0, 12, 150)] + 0.5 * rng.standard_normal((150, 16))
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     threshold = 0.6
-    config = ClusterConfig(threshold=threshold, floor=threshold, k=149, stars=False)
+    config = ClusterConfig(
+        threshold=threshold, floor=threshold, k=149, stars=False, normalise=False
+    )
     ours = cluster_embeddings(x, config)
     theirs = AgglomerativeClustering(
         n_clusters=None, metric="cosine", linkage="average", distance_threshold=1 - threshold
     ).fit_predict(x)
     assert len(set(ours)) > 5
     assert _same_partition(ours.tolist(), theirs.tolist())
-    stars = cluster_embeddings(x, ClusterConfig(threshold=threshold, floor=threshold, k=149))
+    config = ClusterConfig(threshold=threshold, floor=threshold, k=149, normalise=False)
+    stars = cluster_embeddings(x, config)
     assert pairwise_prf(stars, theirs).f > 0.98
+
+
+def test_linkage_with_offsets_is_the_mean_of_offset_pair_scores():
+    """The augmented sums give, for any two clusters, the mean over their face pairs of
+    a.b - o_a - o_b."""
+    from facelab.collections.cluster import _augmented, _links
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((9, 5)).astype(np.float32)
+    offsets = rng.uniform(-0.05, 0.05, 9)
+    groups = [[0, 1, 2, 3], [4], [5, 6, 7, 8]]
+    rows = _augmented(x, offsets)
+    sums = np.stack([rows[g].sum(0) for g in groups])
+    sizes = np.array([len(g) for g in groups])
+    a, b = np.array([0, 0, 1]), np.array([1, 2, 2])
+    brute = [
+        np.mean([x[p] @ x[q] - offsets[p] - offsets[q] for p in groups[u] for q in groups[v]])
+        for u, v in zip(a, b, strict=True)
+    ]
+    assert _links(sums, sizes, a, b) == pytest.approx(brute, abs=1e-5)
+
+
+def test_impostor_offsets_use_the_nearest_faces_outside_the_cluster():
+    from facelab.collections.cluster import impostor_offsets
+
+    labels = np.array([0, 0, 1, 2, 0])
+    near = np.array([[1, 2, 3, 4], [0, 3, 2, 4], [3, 4, 0, 1], [2, 0, 1, 4], [0, 1, -1, -1]])
+    scores = np.array(
+        [
+            [0.99, 0.90, 0.80, 0.70],  # face 0: its cluster-mate 1 is skipped -> 0.90, 0.80
+            [0.99, 0.88, 0.86, 0.50],  # face 1: 0.88, 0.86
+            [0.92, 0.90, 0.70, 0.60],  # face 2: 0.92, 0.90
+            [0.92, 0.80, 0.78, 0.60],  # face 3: 0.92, 0.80
+            [0.99, 0.98, -9.0, -9.0],  # face 4: nothing outside its cluster found -> 0
+        ]
+    )
+    got = impostor_offsets(scores, near, labels, cohort=2)
+    r = np.array([0.85, 0.87, 0.91, 0.86])
+    assert got[:4] == pytest.approx((r - np.median(r)) / 2) and got[4] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_normalised_scores_keep_a_hub_face_out(seed):
+    """A face close to everyone (a blurred "hub") and above the threshold with one person's
+    face joins it on raw cosines; its nearest impostors score high too, so normalised it stays
+    alone. (Whether normalising helps overall is LFW's to measure: docs/collections.md.)"""
+    from facelab.collections.cluster import ClusterConfig, cluster_embeddings
+
+    rng = np.random.default_rng(seed)
+    people = rng.standard_normal((40, 32))
+    faces = np.repeat(people, 3, axis=0) + 0.35 * rng.standard_normal((120, 32))
+    loner = rng.standard_normal(32)
+    hub = loner + 0.8 * people.mean(0) * np.sqrt(40)
+    x = np.vstack([faces, loner, hub])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    threshold = float(x[-1] @ x[-2]) - 0.01
+    plain = cluster_embeddings(x, ClusterConfig(threshold, k=10, normalise=False))
+    normalised = cluster_embeddings(x, ClusterConfig(threshold, k=10, cohort=5, depth=30))
+    assert plain[-1] == plain[-2]
+    assert normalised[-1] != normalised[-2]
 
 
 def test_size_allowance_merges_large_clusters_not_single_faces():

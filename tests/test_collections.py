@@ -3,6 +3,7 @@ survive re-clustering, search, and real multi-face indexing on composed LFW grou
 
 from __future__ import annotations
 
+import copy
 import os
 import sqlite3
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from facelab.collections import people
-from facelab.collections.cluster import ClusterConfig
+from facelab.collections.cluster import FALSE_MATCHES_PER_FACE, ClusterConfig
 from facelab.collections.library import IndexedFace, IndexedFile, Library, LibraryError
 from facelab.collections.quality import (
     BLUR_HALF,
@@ -24,7 +25,9 @@ from facelab.collections.quality import (
     size_part,
 )
 from facelab.collections.search import search_face, search_person
-from facelab.gallery.store import ModelInfo, Threshold
+from facelab.collections.service import clustering_threshold
+from facelab.gallery.store import GalleryError, ModelInfo, Threshold
+from facelab.models.operating_points import OperatingPoint, threshold_for_far
 
 FRONTAL = np.array([[40.0, 50], [80, 50], [60, 70], [45, 90], [75, 90]])
 
@@ -415,10 +418,14 @@ def test_cli_index_cluster_name_search(tmp_path, lfw, single_torch_thread, capsy
         return json.loads(capsys.readouterr().out)
 
     assert run("index", str(photos), "--library", lib)["faces"] == 5
-    assert main(["cluster", "--library", lib]) == 2  # no threshold calibrated, none given
+    assert main(["cluster", "--library", lib, "--far", "1e-3"]) == 2  # none calibrated
     assert "no calibrated threshold" in caplog.text
-    report = run("cluster", "--library", lib, "--threshold", "0.93")
+    report = run("cluster", "--library", lib)  # the model's operating point for 5 faces
+    assert report["target_far"] == pytest.approx(0.14)
+    assert "dlib_resnet at FAR 0.14" in report["threshold_source"]
     assert (report["clusters"], report["clustered_faces"]) == (2, 5)
+    report = run("cluster", "--library", lib, "--threshold", "0.93")
+    assert (report["clusters"], report["clustered_faces"], report["target_far"]) == (2, 5, None)
     listed = run("people", "--library", lib, "list", "--thumbnails", str(tmp_path / "thumbs"))
     sizes = {p["id"]: p["faces"] for p in listed["people"]}
     assert sorted(sizes.values()) == [2, 3]
@@ -444,9 +451,66 @@ def test_cluster_warns_when_the_stored_threshold_is_too_loose(library, caplog):
 
     loose = Threshold(0.9, "test", target_far=0.5, measured_far=0.5, measured_frr=0.0)
     library.gallery.set_threshold(loose, MODEL)
-    report = api.cluster_people(library.path)
+    report = api.cluster_people(library.path, far=0.5)
     assert report.threshold == 0.9
     assert "expects about 4 false matches per face among 7 faces" in caplog.text
+
+
+def _points(*pairs: tuple[float, float], n_impostor: int = 6_000_000) -> list[OperatingPoint]:
+    return [
+        OperatingPoint(far, threshold, far, 0.1, 1000, n_impostor, "test pairs")
+        for far, threshold in pairs
+    ]
+
+
+SHIPPED = _points((1e-2, 0.90), (1e-3, 0.92), (1e-4, 0.94), (1e-5, 0.95), (1e-6, 0.96))
+
+
+def test_threshold_for_far_interpolates_in_log_far():
+    assert threshold_for_far(SHIPPED, 1e-5)[0] == 0.95
+    value, how = threshold_for_far(SHIPPED, 10**-4.5)  # half way between 1e-4 and 1e-5
+    assert value == pytest.approx(0.945)
+    assert "between the model's operating points FAR 1e-05 (0.9500) and FAR 0.0001 (0.9400)" in how
+    assert threshold_for_far(SHIPPED, 3e-3)[0] == pytest.approx(0.92 - 0.02 * np.log10(3))
+    strict, how = threshold_for_far(SHIPPED, 1e-7)  # a million faces: beyond what was measured
+    assert strict == 0.96 and "below the strictest measured point" in how
+    assert threshold_for_far(SHIPPED, 0.1) == (0.90, threshold_for_far(SHIPPED, 0.1)[1])
+    assert "above the loosest point" in threshold_for_far(SHIPPED, 0.1)[1]
+    # 1e-6 of 100,000 impostor pairs is not measured: 1e-7 falls back on 1e-5, not on it
+    few = _points((1e-4, 0.94), (1e-5, 0.95), n_impostor=100_000) + _points(
+        (1e-6, 0.99), n_impostor=100_000
+    )
+    assert threshold_for_far(few, 1e-7)[0] == 0.95
+    with pytest.raises(ValueError, match="target FAR"):
+        threshold_for_far(SHIPPED, 0.0)
+
+
+def test_clustering_threshold_is_the_models_point_at_false_matches_per_face():
+    chosen = clustering_threshold(SHIPPED, 30_000, "toy", per_face=0.3)  # FAR 1e-5
+    assert chosen.value == 0.95 and chosen.target_far == pytest.approx(1e-5)
+    assert chosen.source.startswith("toy at FAR 1e-05 (0.3 / 30,000 faces)")
+    bigger = clustering_threshold(SHIPPED, 300_000, "toy", 0.3)  # stricter for more faces
+    assert bigger.value == 0.96 and "threshold 0.9600 for target FAR 1e-06" in bigger.describe()
+    with pytest.raises(GalleryError, match="toy carries no operating points.*--threshold"):
+        clustering_threshold((), 1000, "toy")
+
+
+def test_cluster_people_without_a_threshold_uses_the_models_points(library, model):
+    """No --threshold, no --far: the model's operating point for the library's 7 faces (FAR
+    0.7 / 7, above its loosest point: that point); a model without points is refused."""
+    from facelab import api
+
+    report = api.cluster_people(library.path, model=model)
+    loosest = max(model.operating_points, key=lambda p: p.target_far)
+    assert report.threshold == loosest.threshold
+    assert report.target_far == pytest.approx(FALSE_MATCHES_PER_FACE / 7)
+    assert "dlib_resnet at FAR 0.1 (0.7 / 7 faces)" in report.threshold_source
+    bare = copy.copy(model)
+    bare.operating_points = ()
+    with pytest.raises(GalleryError, match="dlib_resnet carries no operating points"):
+        api.cluster_people(library.path, model=bare)
+    given = api.cluster_people(library.path, threshold=0.9, model=bare)
+    assert (given.threshold, given.target_far, given.clusters) == (0.9, None, 3)
 
 
 def test_index_skips_a_fifo_instead_of_hanging(tmp_path, model):

@@ -652,12 +652,6 @@ def _add_deployment_commands(sub: Any) -> None:
 # -- photo collections: index, cluster, people, search -------------------------------------------
 
 
-def _threshold_options(p: argparse.ArgumentParser) -> None:
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--threshold", type=float, help="cosine threshold (default: calibrated)")
-    group.add_argument("--far", type=float, help="use the library's threshold for this FAR")
-
-
 def _add_collection_commands(sub: Any) -> None:
     from facelab.collections.indexer import NO_FACE_POLICIES
 
@@ -678,7 +672,15 @@ def _add_collection_commands(sub: Any) -> None:
     _input_option(p)
 
     p = sub.add_parser("cluster", help="group the library's unnamed faces", parents=[library])
-    _threshold_options(p)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--threshold",
+        type=_finite_float,
+        help="cosine threshold (default: the model's operating point for the library's size)",
+    )
+    group.add_argument(
+        "--far", type=_finite_float, help="the library's threshold calibrated for this FAR"
+    )
     p.add_argument("--min-quality", type=float, default=0.0, help="faces below stay unclustered")
 
     p = sub.add_parser(

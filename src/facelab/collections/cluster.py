@@ -8,16 +8,25 @@ it is, checked one at a time, `_stars`), with a merge threshold that depends on 
 
 - candidates: two clusters are compared only if some face of one is among the `k` nearest
   neighbours of some face of the other (FAISS or exact search from `gallery.search`);
-- linkage: the mean cosine over all pairs of their faces, exactly, from the clusters' embedding
-  sums (mean_ij a_i . b_j = (sum a) . (sum b) / (|A| |B|));
-- threshold: two single faces merge at `threshold` (the model's 1:1 operating point, e.g.
-  the cosine at a target false-accept rate); a mean over more faces is less noisy, so a pair
-  with evidence m = 2 |A| |B| / (|A| + |B|) (the harmonic mean of the sizes; the variance of a
-  difference of two means goes with 1/m; a face against a large cluster counts as 2) merges at
-  `floor + (threshold - floor) / m ** power`, floor = threshold - margin. The power (3) and
-  margin (0.015) were chosen on LFW's development people (docs/collections.md): in effect one
-  strict threshold between two single faces, and one a margin lower once either side has
-  more than one face.
+- linkage: the mean score over all pairs of their faces, exactly, from the clusters' embedding
+  sums (mean_ij a_i . b_j = (sum a) . (sum b) / (|A| |B|); with score offsets, sums of
+  augmented rows, `_augmented`);
+- two passes, the second on normalised scores: some faces (blurred, turned, "average"
+  looking) score high with everyone, so one threshold accepts their impostors and cuts other
+  faces' genuine pairs. The first pass clusters raw cosines; then each face's level r is its
+  mean cosine to its `cohort` nearest neighbours outside its first-pass cluster (its nearest
+  impostors; after local scaling, CSLS, Conneau et al. 2018), and the second pass clusters
+  again from single faces on a.b - ((r_a + r_b) / 2 - median r) (`impostor_offsets`). A
+  random cohort or the plain k-NN ranks instead hurt on LFW (docs/collections.md);
+- threshold: two single faces merge at `threshold` (the model's 1:1 operating point: for N
+  faces, `facelab cluster` takes the cosine at FAR = `FALSE_MATCHES_PER_FACE` / N from the
+  model's shipped points, `collections.service.clustering_threshold`); a mean over more
+  faces is less noisy, so a pair with evidence m = 2 |A| |B| / (|A| + |B|) (the harmonic
+  mean of the sizes; the variance of a difference of two means goes with 1/m; a face against
+  a large cluster counts as 2) merges at `floor + (threshold - floor) / m ** power`,
+  floor = threshold - margin. The power (3) and margin (0.015) were chosen on LFW's
+  development people (docs/collections.md): in effect one strict threshold between two single
+  faces, and one a margin lower once either side has more than one face.
 - faces with quality below `min_quality` are not clustered (label -1): a blurred or turned face
   glued into the wrong person costs more than a face left out.
 """
@@ -35,6 +44,9 @@ from facelab.gallery.search import build_index
 log = logging.getLogger(__name__)
 
 UNCLUSTERED = -1
+# The clustering threshold's false-accept rate for N faces is this / N: each face expects this
+# many false matches among the others (chosen on LFW's development people, docs/collections.md).
+FALSE_MATCHES_PER_FACE = 0.7
 
 
 @dataclass(frozen=True)
@@ -45,7 +57,9 @@ class ClusterConfig:
     ("exact", "flat", "hnsw", "ivf") or "auto" (flat up to `exact_max` faces, IVF above);
     min_quality: faces below it stay unclustered; stars: let a reciprocal pair take in the
     clusters pointing at it in the same round (`_stars`; False: RAC's reciprocal pairs only,
-    exactly average linkage, many more rounds when clusters are large)."""
+    exactly average linkage, many more rounds when clusters are large); normalise: the second
+    pass on normalised scores, each face's level taken from its `cohort` nearest faces outside
+    its cluster among its `depth` nearest (module docstring)."""
 
     threshold: float
     floor: float | None = None
@@ -57,6 +71,9 @@ class ClusterConfig:
     min_quality: float = 0.0
     stars: bool = True
     max_rounds: int = 1000
+    normalise: bool = True
+    cohort: int = 20
+    depth: int = 80
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.threshold <= 1.0:
@@ -69,18 +86,18 @@ class ClusterConfig:
         return self.threshold - self.margin if self.floor is None else self.floor
 
 
-def knn_pairs(
+def knn(
     embeddings: np.ndarray, k: int, method: str = "auto", exact_max: int = 200_000
-) -> tuple[np.ndarray, ...]:
-    """(i, j, cosine) of each face i and its k nearest other faces j (i < j, unique).
+) -> tuple[np.ndarray, np.ndarray]:
+    """(cosines, rows) of the k nearest other faces of each face, best first (rows -1 where
+    fewer were found).
 
     method "auto": FAISS flat (exact; numpy's exact search without FAISS) up to `exact_max`
     faces; above, IVF with 4 sqrt(N) cells of which 8 are scanned per face (approximate,
     about 1/500 of the exact cost at 1M faces)."""
     n = len(embeddings)
     if n < 2:
-        empty = np.zeros(0, np.int64)
-        return empty, empty, np.zeros(0, np.float32)
+        return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)
     options = {}
     if method == "auto":
         small = "flat" if importlib.util.find_spec("faiss") else "exact"
@@ -89,6 +106,23 @@ def knn_pairs(
             options = {"nlist": int(4 * np.sqrt(n)), "nprobe": 8}
     index = build_index(embeddings, method, **options)
     scores, rows = index.search(np.ascontiguousarray(embeddings, np.float32), min(k + 1, n))
+    # drop each face itself (usually first; a duplicate face may come before it)
+    own = rows == np.arange(n)[:, None]
+    own[:, -1] |= ~own.any(1)  # not found itself: drop the last instead
+    keep = ~own
+    return scores[keep].reshape(n, -1), rows[keep].reshape(n, -1)
+
+
+def knn_pairs(
+    embeddings: np.ndarray, k: int, method: str = "auto", exact_max: int = 200_000
+) -> tuple[np.ndarray, ...]:
+    """(i, j, cosine) of each face i and its k nearest other faces j (i < j, unique)."""
+    return pairs_of(*knn(embeddings, k, method, exact_max))
+
+
+def pairs_of(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The k-NN lists `knn` as unique (i, j, cosine) pairs, i < j."""
+    n = len(rows)
     i = np.repeat(np.arange(n), rows.shape[1])
     j = rows.ravel()
     s = scores.ravel()
@@ -99,15 +133,31 @@ def knn_pairs(
     return lo[first], hi[first], s[first]
 
 
+def _augmented(embeddings: np.ndarray, offsets: np.ndarray | None) -> np.ndarray:
+    """Face rows [e, 1, -o] (o: the face's score offset, `local_offsets`): sums of them over
+    two clusters give, through `_dot`, the sum over their face pairs of a.b - o_a - o_b."""
+    n, d = embeddings.shape
+    rows = np.empty((n, d + 2), np.float32)
+    rows[:, :d] = embeddings
+    rows[:, d] = 1.0
+    rows[:, d + 1] = 0.0 if offsets is None else -offsets
+    return rows
+
+
+def _dot(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise x . y of augmented sums, the last two entries crossed (n_x (-O_y) + (-O_x) n_y)."""
+    return np.einsum("ij,ij->i", x[:, :-2], y[:, :-2]) + x[:, -2] * y[:, -1] + x[:, -1] * y[:, -2]
+
+
 def _links(
     sums: np.ndarray, sizes: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 18
 ) -> np.ndarray:
-    """Average linkage of cluster pairs (a, b) from embedding sums, in chunks of pairs so the
-    gathered rows stay small."""
+    """Average linkage of cluster pairs (a, b) from their augmented sums, in chunks of pairs so
+    the gathered rows stay small."""
     out = np.empty(len(a), np.float64)
     for s in range(0, len(a), chunk):
         x, y = a[s : s + chunk], b[s : s + chunk]
-        out[s : s + chunk] = np.einsum("ij,ij->i", sums[x], sums[y]) / (sizes[x] * sizes[y])
+        out[s : s + chunk] = _dot(sums[x], sums[y]) / (sizes[x] * sizes[y])
     return out
 
 
@@ -163,7 +213,7 @@ def _stars(
     before_n = cum_n - sizes[child] - np.where(group_start > 0, cum_n[offset], 0)
     grown = sums[root] + before
     grown_n = sizes[root] + before_n
-    grown_link = np.einsum("ij,ij->i", grown, sums[child]) / (grown_n * sizes[child])
+    grown_link = _dot(grown, sums[child]) / (grown_n * sizes[child])
     needed = threshold_for_mean(
         config.threshold, config.lowest, _evidence(grown_n, sizes[child]), config.power
     )
@@ -175,14 +225,18 @@ def _stars(
 
 
 def merge_rounds(
-    embeddings: np.ndarray, i: np.ndarray, j: np.ndarray, config: ClusterConfig
+    embeddings: np.ndarray,
+    i: np.ndarray,
+    j: np.ndarray,
+    config: ClusterConfig,
+    offsets: np.ndarray | None = None,
 ) -> np.ndarray:
     """Average-linkage agglomeration over candidate face pairs (i, j), in reciprocal-best
     rounds, with the size-dependent threshold of the module docstring. Returns a cluster label
     per face (0..C-1)."""
     n = len(embeddings)
     labels = np.arange(n)
-    sums = embeddings.astype(np.float32)
+    sums = _augmented(embeddings, offsets)
     sizes = np.ones(n, np.int64)
     for _ in range(config.max_rounds):
         a, b = labels[i], labels[j]
@@ -232,9 +286,41 @@ def cluster_embeddings(
     rows = np.flatnonzero(usable)
     if len(rows) == 0:
         return labels
-    i, j, _ = knn_pairs(emb[rows], config.k, config.index, config.exact_max)
-    labels[rows] = merge_rounds(emb[rows], i, j, config)
+    emb = emb[rows]
+    depth = max(config.k, config.depth if config.normalise else 0)
+    labels[rows] = cluster_neighbours(emb, *knn(emb, depth, config.index, config.exact_max), config)
     return labels
+
+
+def cluster_neighbours(
+    embeddings: np.ndarray, scores: np.ndarray, near: np.ndarray, config: ClusterConfig
+) -> np.ndarray:
+    """Steps after the k-NN search (`knn`, to depth >= `config.depth` when normalising): the
+    first pass, and with `config.normalise` the second on normalised scores."""
+    i, j, _ = pairs_of(scores[:, : config.k], near[:, : config.k])
+    found = merge_rounds(embeddings, i, j, config)
+    if config.normalise:
+        offsets = impostor_offsets(scores, near, found, config.cohort)
+        found = merge_rounds(embeddings, i, j, config, offsets)
+    return found
+
+
+def impostor_offsets(
+    scores: np.ndarray, near: np.ndarray, labels: np.ndarray, cohort: int
+) -> np.ndarray:
+    """Each face's score offset (r - median r) / 2, r its mean cosine to its `cohort` nearest
+    neighbours outside its cluster (its nearest impostors): a pair then scores
+    a.b - ((r_a + r_b) / 2 - median r). A face with fewer than cohort / 2 of them in its k-NN
+    list (one of a large cluster) gets 0."""
+    outside = (labels[np.maximum(near, 0)] != labels[:, None]) & (near >= 0)
+    chosen = outside & (np.cumsum(outside, 1) <= cohort)
+    count = chosen.sum(1)
+    enough = count >= max(cohort // 2, 1)
+    if not enough.any():
+        return np.zeros(len(labels))
+    r = np.where(chosen, scores, 0).sum(1, dtype=np.float64) / np.maximum(count, 1)
+    middle = np.median(r[enough])
+    return np.where(enough, (r - middle) / 2, 0.0)
 
 
 def _evidence(na: np.ndarray, nb: np.ndarray) -> np.ndarray:

@@ -47,6 +47,8 @@ class Person:
 @dataclass(frozen=True)
 class ClusterReport:
     threshold: float
+    threshold_source: str
+    target_far: float | None  # the FAR the threshold was taken at (None: given by the caller)
     faces: int
     joined_named: int  # free faces given to a named (or hand-made) person
     clusters: int  # unnamed people made (two or more faces)
@@ -317,6 +319,8 @@ def cluster_library(
     sync_gallery(library)
     return ClusterReport(
         threshold=threshold.value,
+        threshold_source=threshold.source,
+        target_far=threshold.target_far,
         faces=len(table.ids),
         joined_named=joined,
         clusters=len(created),

@@ -170,6 +170,8 @@ class Threshold:
     def describe(self) -> str:
         if self.target_far is None:
             return f"threshold {self.value:.4f} ({self.source})"
+        if self.measured_far is None or self.measured_frr is None:  # e.g. interpolated
+            return f"threshold {self.value:.4f} for target FAR {self.target_far:g} ({self.source})"
         return (
             f"threshold {self.value:.4f} for target FAR {self.target_far:g} (measured FAR "
             f"{self.measured_far:.4g}, FRR {self.measured_frr:.4g}; {self.source})"

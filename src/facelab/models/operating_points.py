@@ -2,7 +2,8 @@
 `Preprocess`, so that a model decides same/different without a user-supplied threshold.
 
 An operating point is the threshold on cosine similarity that keeps the false-accept rate at or
-under a target (1e-2, 1e-3, 1e-4) on a labelled trial list, with the FAR and FRR measured there
+under a target (1e-2, 1e-3, 1e-4; pretrained models also 1e-5 and 1e-6, which clustering
+N faces needs, `threshold_for_far`) on a labelled trial list, with the FAR and FRR measured there
 and the trial counts behind them. Pretrained models get theirs from
 `benchmarks/calibrate_pretrained.py`, stored with their provenance in `model_cards.json` beside
 this module (read here, never computed at run time); trained checkpoints get theirs from their
@@ -13,6 +14,7 @@ model description. The computation itself is `facelab.eval.metrics.threshold_at_
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import cache
@@ -21,6 +23,9 @@ from typing import Any
 
 # The target FARs every model is calibrated for, and the one `verify` decides at by default.
 TARGET_FARS = (1e-2, 1e-3, 1e-4)
+# Pretrained models ship these too: clustering N faces wants FAR about 0.3 / N
+# (docs/collections.md), and their calibration's millions of impostor pairs can measure them.
+SHIPPED_FARS = (*TARGET_FARS, 1e-5, 1e-6)
 DEFAULT_FAR = 1e-3
 CARDS_FILE = Path(__file__).with_name("model_cards.json")
 
@@ -85,6 +90,35 @@ def point_at(points: Sequence[OperatingPoint], far: float) -> OperatingPoint | N
         if abs(point.target_far - far) <= 1e-6 * far:
             return point
     return None
+
+
+def threshold_for_far(points: Sequence[OperatingPoint], far: float) -> tuple[float, str]:
+    """The threshold at target `far` and how it was found: between two measured points,
+    linear in log FAR; outside their range, the nearest one (beyond the strictest it is only a
+    bound, and said so). Points whose FAR the trials could not measure are not used."""
+    if not 0 < far < 1:
+        raise ValueError(f"target FAR must be in (0, 1), got {far}")
+    measured = sorted((p for p in points if p.resolved), key=lambda p: p.target_far)
+    if not measured:
+        raise ValueError("no measured operating points")
+    exact = point_at(measured, far)
+    if exact is not None:
+        return exact.threshold, exact.describe()
+    strict, loose = measured[0], measured[-1]
+    if far < strict.target_far:
+        return strict.threshold, (
+            f"FAR {far:.3g} is below the strictest measured point; {strict.describe()}"
+        )
+    if far > loose.target_far:
+        return loose.threshold, f"FAR {far:.3g} is above the loosest point; {loose.describe()}"
+    hi = next(p for p in measured if p.target_far > far)
+    lo = measured[measured.index(hi) - 1]
+    w = math.log(far / lo.target_far) / math.log(hi.target_far / lo.target_far)
+    threshold = float(lo.threshold + w * (hi.threshold - lo.threshold))
+    return threshold, (
+        f"interpolated in log FAR between the model's operating points {lo.name} "
+        f"({lo.threshold:.4f}) and {hi.name} ({hi.threshold:.4f}), measured on {lo.trials}"
+    )
 
 
 @cache
