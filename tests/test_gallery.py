@@ -297,6 +297,31 @@ def test_auto_is_exact_for_small_galleries_and_ivfpq_above(
         assert search.built == "ivfpq"
 
 
+def test_a_rebuild_is_built_by_fetch_and_only_swapped_in_by_apply(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A replica fetches outside its lock and applies under it: a slow FAISS build must
+    happen in fetch, or every search waits for it."""
+    from facelab.gallery import search as search_module
+
+    rng = np.random.default_rng(10)
+    groups = {"a": unit(rng.normal(size=(2, 16))), "b": unit(rng.normal(size=(1, 16)))}
+    with store_with_vectors(tmp_path / "g.db", groups) as store:
+        search = GallerySearch(store, "flat")
+        assert search.search(groups["b"], k=1)[0][0].identity == "b"
+        store.rename("b", "c")
+        change = search.fetch()
+        assert search.query(groups["b"], k=1)[0][0].identity == "b"  # not yet applied
+
+        def no_build(*args: object, **kwargs: object) -> None:
+            raise AssertionError("apply built an index")
+
+        monkeypatch.setattr(search_module, "build_index", no_build)
+        search.apply(change)
+        assert search.query(groups["b"], k=1)[0][0].identity == "c"
+        assert search.revision == store.revision()
+
+
 @pytest.mark.parametrize(
     ("method", "options", "message"),
     [

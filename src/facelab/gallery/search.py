@@ -113,10 +113,10 @@ class FaissIndex:
     """A FAISS inner-product index: ``flat`` (exact), ``hnsw``, ``ivf`` or ``ivfpq``
     (approximate).
 
-    hnsw_m / ef_search trade HNSW memory and latency for recall; nlist (default sqrt N; for
-    ivfpq 4 sqrt N) and nprobe (cells scanned per query) do the same for IVF; for ivfpq,
-    pq_m sub-quantisers of 4 bits each code a vector (default dim / 2) and rerank x k
-    candidates of the code scan are re-scored exactly.
+    hnsw_m / ef_search trade HNSW memory and latency for recall; nlist (default sqrt N) and
+    nprobe (cells scanned per query; for ivfpq 1/8 of them) do the same for IVF; for ivfpq,
+    pq_m sub-quantisers of 4 bits each code a vector (default one per dimension) and the best
+    `rerank` candidates of the code scan (at least k) are re-scored exactly.
     """
 
     def __init__(
@@ -128,7 +128,7 @@ class FaissIndex:
         ef_search: int = 64,
         nlist: int | None = None,
         nprobe: int | None = None,
-        rerank: int = 64,
+        rerank: int = 512,
         pq_m: int | None = None,
         seed: int = 0,
     ) -> None:
@@ -142,6 +142,7 @@ class FaissIndex:
         n, dim = vectors.shape
         self.kind = kind
         self.ef_search = ef_search
+        self.rerank: int | None = None  # set for an ivfpq index with re-ranking
         if kind == "flat":
             self.index = faiss.IndexFlatIP(dim)
         elif kind == "hnsw":
@@ -158,7 +159,8 @@ class FaissIndex:
             log.info("ivfpq over %d rows (< %d) searches them exactly", n, IVFPQ_MIN_ROWS)
             self.index = faiss.IndexFlatIP(dim)
         elif kind == "ivfpq":
-            self.index = _ivfpq(faiss, vectors, nlist, nprobe, rerank, pq_m, seed)
+            self.index = _ivfpq(faiss, vectors, nlist, nprobe, pq_m, seed)
+            self.rerank = rerank
         else:
             raise ValueError(f"unknown FAISS index kind {kind!r}; known: flat, hnsw, ivf, ivfpq")
         self.index.add(vectors)
@@ -170,7 +172,14 @@ class FaissIndex:
         k = min(k, self.index.ntotal)
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.ef_search, k)
-        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.rerank is None:
+            scores, rows = self.index.search(queries, k)
+        else:  # FAISS re-scores k x k_factor candidates
+            import faiss
+
+            params = faiss.IndexRefineSearchParameters(k_factor=max(1.0, self.rerank / k))
+            scores, rows = self.index.search(queries, k, params=params)
         return scores, rows.astype(np.int64)
 
 
@@ -193,24 +202,21 @@ def _ivfpq(
     vectors: np.ndarray,
     nlist: int | None,
     nprobe: int | None,
-    rerank: int,
     pq_m: int | None,
     seed: int,
 ) -> Any:
     """IVF over 4-bit PQ fast-scan codes, its candidates re-scored on the full vectors."""
     n, dim = vectors.shape
-    pq_m = pq_m or (dim // 2 if dim % 2 == 0 else dim)
+    pq_m = pq_m or dim
     if dim % pq_m:
         raise ValueError(f"pq_m ({pq_m}) must divide the embedding dimension ({dim})")
-    cells = _cells(n, nlist or int(4 * math.sqrt(n)))
+    cells = _cells(n, nlist or int(math.sqrt(n)))
     quantizer = faiss.IndexFlatIP(dim)
     codes = faiss.IndexIVFPQFastScan(quantizer, dim, cells, pq_m, 4, faiss.METRIC_INNER_PRODUCT)
     codes.cp.seed = seed
     codes.train(_training_sample(vectors, 40 * cells, seed))
-    codes.nprobe = min(nprobe or max(1, cells // 16), cells)
-    index = faiss.IndexRefineFlat(codes)
-    index.k_factor = rerank
-    return index
+    codes.nprobe = min(nprobe or max(1, cells // 8), cells)
+    return faiss.IndexRefineFlat(codes)
 
 
 def check_options(method: str, options: dict[str, int]) -> None:
@@ -260,6 +266,20 @@ def identity_rows(
 
 
 @dataclass(frozen=True)
+class Built:
+    """A snapshot with the index over it already built, for `GallerySearch.apply` to swap in."""
+
+    snapshot: Snapshot
+    labels: np.ndarray  # the identity label of each index row
+    index: VectorIndex | None  # None for an empty gallery
+    method: str  # the method built (what ``auto`` chose)
+
+    @property
+    def revision(self) -> int:
+        return self.snapshot.revision
+
+
+@dataclass(frozen=True)
 class Match:
     identity: str
     score: float
@@ -295,10 +315,12 @@ class GallerySearch:
         if self.revision != self.store.revision():
             self.apply(self.fetch())
 
-    def fetch(self) -> Snapshot | Delta:
+    def fetch(self) -> Built | Delta:
         """What the index needs from the store: the changes since its revision where the store
-        logs them and a patch is worth it, else a full snapshot (also when the changes take an
-        ``auto`` index across `AUTO_EXACT_MAX`: the rebuild switches method)."""
+        logs them and a patch is worth it, else a full snapshot with its new index built here
+        (a replica calls this outside its lock, so searches go on during a slow FAISS build).
+        Also a rebuild when the changes take an ``auto`` index across `AUTO_EXACT_MAX`: the
+        rebuild switches method."""
         patchable = (
             isinstance(self.store, PostgresStore)
             and self._index is not None
@@ -308,7 +330,7 @@ class GallerySearch:
             delta = self.store.changes_since(self.revision)
             if self._method_for(self._live_rows_after(delta)) == self.built:
                 return delta
-        return self.store.snapshot()
+        return self.prepare(self.store.snapshot())
 
     def _live_rows_after(self, delta: Delta) -> int:
         """How many live rows the index would hold once `delta` is patched in."""
@@ -320,10 +342,13 @@ class GallerySearch:
             rows += 1 if self.aggregate == "mean" else len(embeddings)
         return rows
 
-    def apply(self, change: Snapshot | Delta) -> None:
-        """Rebuild from a snapshot, or patch the index with a delta (memory only, no I/O)."""
+    def apply(self, change: Built | Snapshot | Delta) -> None:
+        """Swap in a built index, or patch the index with a delta (memory only, no I/O; a bare
+        snapshot is built first)."""
         if isinstance(change, Snapshot):
-            self._build(change)
+            change = self.prepare(change)
+        if isinstance(change, Built):
+            self._install(change)
         else:
             self._patch(change)
         self.revision = change.revision
@@ -331,18 +356,21 @@ class GallerySearch:
     def _method_for(self, rows: int) -> str:
         return auto_method(rows) if self.method == "auto" else self.method
 
-    def _build(self, snap: Snapshot) -> None:
-        vectors, self._labels = identity_rows(snap.embeddings, snap.labels, self.aggregate)
-        self.built = self._method_for(len(vectors))
-        self.names = list(snap.names)
+    def prepare(self, snap: Snapshot) -> Built:
+        """The index over a snapshot (the slow part of a rebuild; touches no state)."""
+        vectors, labels = identity_rows(snap.embeddings, snap.labels, self.aggregate)
+        index = build_index(vectors, self.method, **self.options) if len(vectors) else None
+        method = self._method_for(len(vectors))
+        log.debug("built %s index of %d rows at revision %d", method, len(vectors), snap.revision)
+        return Built(snap, labels, index, method)
+
+    def _install(self, built: Built) -> None:
+        self._index, self._labels, self.built = built.index, built.labels, built.method
+        self.names = list(built.snapshot.names)
         self._live = {name: label for label, name in enumerate(self.names)}
         self._rows = np.bincount(self._labels, minlength=len(self.names)).tolist()
         self._dead_rows = 0
         self._per_identity = max(self._rows, default=0)
-        self._index = build_index(vectors, self.method, **self.options) if len(vectors) else None
-        log.debug(
-            "built %s index of %d rows at revision %d", self.built, len(vectors), snap.revision
-        )
 
     def _patch(self, delta: Delta) -> None:
         for name in delta.changed:
