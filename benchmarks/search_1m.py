@@ -1,20 +1,25 @@
 """1:N search at a million identities on real-like embeddings: query latency p50/p99 and recall@1
-against exact search, for FAISS IVF (and HNSW where its build fits the time) over a sweep of
-their search parameters.
+against exact search, through facelab's `GallerySearch` with the ``ivfpq`` index a replica
+builds (``--search auto`` above 100k rows), plus optional sweeps of bare IVF, IVF-SQ8 and HNSW.
 
 Real-like embeddings: dlib's ResNet (128-d) embeds LFW people with at least `--min-images`
-photos (cached in runs/). Their per-person means give the between-identity distribution (mean
+photos (`--embeddings`: taken from a `facelab embed` .npz of all of LFW; else embedded once
+and cached in runs/). Their per-person means give the between-identity distribution (mean
 and full covariance) and their residuals from those means the within-identity variation of
 real photo pairs. A synthetic identity is a centroid drawn from that Gaussian; its enrolled
 embedding and its probe are the centroid plus two different real residuals (renormalised). So
 the gallery has the anisotropic spectrum of real embeddings and each probe differs from its
 mate as a second real photo does, which uniform random vectors (bench_gallery.py) do not.
 
-    python benchmarks/search_1m.py                             # 1M, IVF sweep
-    python benchmarks/search_1m.py --nlist --sq8-nlist 1024 4096 --nprobe 64 128 256 512
-    python benchmarks/search_1m.py --nlist --hnsw --ef-search 64 128 256 512 1024
+    OMP_NUM_THREADS=1 python benchmarks/search_1m.py --embeddings lfw_all.npz  # default ivfpq
+    python benchmarks/search_1m.py --ivfpq-nprobe 96 125 --rerank 128 512 --pq-m 64 128
+    python benchmarks/search_1m.py --ivfpq-nlist --nlist 1024 --nprobe 64 128 --hnsw
 
-Latency is per single query (batch of 1), one thread (`--threads`), on a shared machine.
+Latency is per single query (batch of 1), one thread (`--threads`), on a shared machine; the
+noise-floor rows time the same loop over fixed exact work. The ivfpq index is cached in
+`--index-cache` (named by the gallery and the code that builds it), with the build's seconds
+and memory beside it, so a re-run measures queries only. OMP_NUM_THREADS=1 keeps numpy's BLAS
+from leaving a second thread spinning beside the measured one.
 """
 
 from __future__ import annotations
@@ -265,7 +270,8 @@ def main() -> None:
     del exact
     # Cached indexes are named by the gallery they index and the code that builds them, so a
     # changed recipe or default rebuilds.
-    recipe = "".join(inspect.getsource(f) for f in (FaissIndex, search_module._ivfpq))
+    builders = (FaissIndex.__init__, search_module._ivfpq, search_module._cells)
+    recipe = "".join(inspect.getsource(f) for f in (*builders, search_module._training_sample))
     sample = gallery[:: max(1, len(gallery) // 1000)].tobytes()
     for nlist, pq_m in itertools.product(args.ivfpq_nlist, args.pq_m):
         options = {k: v for k, v in {"nlist": nlist, "pq_m": pq_m}.items() if v}

@@ -266,6 +266,35 @@ def test_ivfpq_gives_exact_top1_and_scores_on_easy_data() -> None:
     np.testing.assert_array_equal(index.search(extra, 1)[1][:, 0], np.arange(3000, 3005))
 
 
+def test_one_query_searches_on_one_openmp_thread() -> None:
+    """A single query gains nothing from OpenMP threads, which wait for each other (20x slower
+    on a busy machine); batches keep the caller's thread count, restored after either."""
+    import faiss
+
+    rng = np.random.default_rng(11)
+    vectors, queries = unit(rng.normal(size=(1000, 16))), unit(rng.normal(size=(4, 16)))
+    index = build_index(vectors, "ivfpq", nlist=8)
+    inner, seen = index.index, []
+
+    class Recording:
+        ntotal = inner.ntotal
+
+        def search(self, q: np.ndarray, k: int, params: object = None) -> tuple:
+            seen.append((len(q), faiss.omp_get_max_threads()))
+            return inner.search(q, k, params=params)
+
+    index.index = Recording()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        index.search(queries[:1], 3)
+        index.search(queries, 3)
+        assert seen == [(1, 1), (4, 2)]
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def test_ivfpq_below_its_minimum_searches_exactly() -> None:
     rng = np.random.default_rng(6)
     vectors, queries = unit(rng.normal(size=(300, 32))), unit(rng.normal(size=(20, 32)))
