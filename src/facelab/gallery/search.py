@@ -8,9 +8,9 @@ Embeddings are L2-normalised, so inner product = cosine similarity. Methods:
 - ``hnsw``: FAISS HNSW graph (approximate; sub-linear queries, slow to build);
 - ``ivf``: FAISS inverted file over k-means cells (approximate; fast to build);
 - ``ivfpq``: inverted file whose cells hold 4-bit product-quantised codes scanned with SIMD
-  ("fast scan", 32 bytes a 128-d vector instead of 512), the best `rerank` x k candidates then
-  re-scored exactly against the full vectors: the scan reads 1/16 of IVF's bytes, so recall
-  0.99 at a million identities costs a few milliseconds (docs/postgres.md);
+  ("fast scan", 64 bytes a 128-d vector instead of 512), the best `rerank` candidates then
+  re-scored exactly against the full vectors: the scan reads 1/8 of IVF's bytes, so recall
+  0.99 at a million identities costs about a millisecond (docs/postgres.md);
 - ``auto``: ``exact`` up to `AUTO_EXACT_MAX` rows, ``ivfpq`` above (what a serving replica
   uses by default).
 
@@ -275,16 +275,16 @@ def identity_rows(
 
 @dataclass(frozen=True)
 class Built:
-    """A snapshot with the index over it already built, for `GallerySearch.apply` to swap in."""
+    """An index built over a snapshot, with its row and name maps, for `GallerySearch.apply`
+    to swap in (all the per-row work is done before, none under a replica's lock)."""
 
-    snapshot: Snapshot
-    labels: np.ndarray  # the identity label of each index row
+    revision: int
     index: VectorIndex | None  # None for an empty gallery
     method: str  # the method built (what ``auto`` chose)
-
-    @property
-    def revision(self) -> int:
-        return self.snapshot.revision
+    labels: np.ndarray  # the identity label of each index row
+    names: list[str]  # label -> identity name
+    live: dict[str, int]  # name -> label
+    rows: list[int]  # label -> its rows in the index
 
 
 @dataclass(frozen=True)
@@ -370,13 +370,20 @@ class GallerySearch:
         index = build_index(vectors, self.method, **self.options) if len(vectors) else None
         method = self._method_for(len(vectors))
         log.debug("built %s index of %d rows at revision %d", method, len(vectors), snap.revision)
-        return Built(snap, labels, index, method)
+        names = list(snap.names)
+        return Built(
+            snap.revision,
+            index,
+            method,
+            labels,
+            names,
+            {name: label for label, name in enumerate(names)},
+            np.bincount(labels, minlength=len(names)).tolist(),
+        )
 
     def _install(self, built: Built) -> None:
         self._index, self._labels, self.built = built.index, built.labels, built.method
-        self.names = list(built.snapshot.names)
-        self._live = {name: label for label, name in enumerate(self.names)}
-        self._rows = np.bincount(self._labels, minlength=len(self.names)).tolist()
+        self.names, self._live, self._rows = built.names, built.live, built.rows
         self._dead_rows = 0
         self._per_identity = max(self._rows, default=0)
 
