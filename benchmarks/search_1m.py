@@ -173,7 +173,7 @@ def rss_mib() -> float:
 
 
 def replica_index(
-    gallery: np.ndarray, options: dict[str, int], cache: Path, build_threads: int
+    gallery: np.ndarray, options: dict[str, int], cache: Path
 ) -> tuple[GallerySearch, str]:
     """A replica's `GallerySearch` over the gallery (one identity per row) with an ``ivfpq``
     index, and its build figures. The FAISS index is cached in `cache` (a file this benchmark
@@ -195,7 +195,6 @@ def replica_index(
         search.method = search.built = "ivfpq"
         built = json.loads(figures.read_text())
         return search, f"{built['seconds']:.0f} (cached), +{built['rss_mib']:.0f} MiB"
-    faiss.omp_set_num_threads(build_threads)
     before = rss_mib()
     start = time.perf_counter()
     search = GallerySearch(None, "ivfpq", **options)  # type: ignore[arg-type]
@@ -213,7 +212,6 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1, help="FAISS threads per query")
-    parser.add_argument("--build-threads", type=int, default=2)
     parser.add_argument(
         "--embeddings",
         type=Path,
@@ -270,16 +268,16 @@ def main() -> None:
     del exact
     # Cached indexes are named by the gallery they index and the code that builds them, so a
     # changed recipe or default rebuilds.
-    builders = (FaissIndex.__init__, search_module._ivfpq, search_module._cells)
-    recipe = "".join(inspect.getsource(f) for f in (*builders, search_module._training_sample))
+    builders = (FaissIndex.__init__, search_module._new_index, search_module._ivfpq)
+    builders += (search_module._cells, search_module._training_sample)
+    recipe = "".join(inspect.getsource(f) for f in builders)
     sample = gallery[:: max(1, len(gallery) // 1000)].tobytes()
     for nlist, pq_m in itertools.product(args.ivfpq_nlist, args.pq_m):
         options = {k: v for k, v in {"nlist": nlist, "pq_m": pq_m}.items() if v}
         name = "_".join(f"{k}{v}" for k, v in options.items()) or "default"
         tag = hashlib.sha256(sample + recipe.encode()).hexdigest()[:12]
         cache = args.index_cache / f"ivfpq_{name}_{args.size}_{tag}.faiss"
-        search, build = replica_index(gallery, options, cache, args.build_threads)
-        faiss.omp_set_num_threads(args.threads)
+        search, build = replica_index(gallery, options, cache)
         codes = faiss.downcast_index(faiss.extract_index_ivf(search._index.index))
         built_nprobe, built_rerank = codes.nprobe, search._index.rerank
         for nprobe, rerank in itertools.product(args.ivfpq_nprobe, args.rerank):

@@ -295,6 +295,31 @@ def test_one_query_searches_on_one_openmp_thread() -> None:
         faiss.omp_set_num_threads(before)
 
 
+def test_ivfpq_builds_on_one_openmp_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads made a 1M build 4x slower on a busy machine; the caller's count is back
+    after the build."""
+    import faiss
+
+    from facelab.gallery import search as search_module
+
+    seen = []
+
+    def recording(*args: object) -> object:
+        seen.append(faiss.omp_get_max_threads())
+        return ivfpq(*args)
+
+    ivfpq = search_module._ivfpq
+    monkeypatch.setattr(search_module, "_ivfpq", recording)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        build_index(unit(np.random.default_rng(12).normal(size=(1000, 16))), "ivfpq")
+        assert seen == [1]
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def test_ivfpq_below_its_minimum_searches_exactly() -> None:
     rng = np.random.default_rng(6)
     vectors, queries = unit(rng.normal(size=(300, 32))), unit(rng.normal(size=(20, 32)))

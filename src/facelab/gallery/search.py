@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -114,7 +116,7 @@ class FaissIndex:
     (approximate).
 
     hnsw_m / ef_search trade HNSW memory and latency for recall; nlist (default sqrt N) and
-    nprobe (cells scanned per query; for ivfpq 1/8 of them) do the same for IVF; for ivfpq,
+    nprobe (cells scanned per query; for ivfpq 1/6 of them) do the same for IVF; for ivfpq,
     pq_m sub-quantisers of 4 bits each code a vector (default one per dimension) and the best
     `rerank` candidates of the code scan (at least k) are re-scored exactly.
     """
@@ -139,31 +141,22 @@ class FaissIndex:
                 "FAISS search needs faiss-cpu: pip install 'facelab[search]'"
             ) from exc
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        n, dim = vectors.shape
+        n = len(vectors)
         self.kind = kind
         self.ef_search = ef_search
         self.rerank: int | None = None  # set for an ivfpq index with re-ranking
-        if kind == "flat":
-            self.index = faiss.IndexFlatIP(dim)
-        elif kind == "hnsw":
-            self.index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            self.index.hnsw.efConstruction = ef_construction
-        elif kind == "ivf":
-            cells = _cells(n, nlist or int(math.sqrt(n)))
-            quantizer = faiss.IndexFlatIP(dim)
-            self.index = faiss.IndexIVFFlat(quantizer, dim, cells, faiss.METRIC_INNER_PRODUCT)
-            self.index.cp.seed = seed
-            self.index.train(_training_sample(vectors, 64 * cells, seed))
-            self.index.nprobe = min(nprobe or 32, cells)
-        elif kind == "ivfpq" and n < IVFPQ_MIN_ROWS:
-            log.info("ivfpq over %d rows (< %d) searches them exactly", n, IVFPQ_MIN_ROWS)
-            self.index = faiss.IndexFlatIP(dim)
-        elif kind == "ivfpq":
-            self.index = _ivfpq(faiss, vectors, nlist, nprobe, pq_m, seed)
+        if kind == "ivfpq" and n >= IVFPQ_MIN_ROWS:
             self.rerank = rerank
-        else:
-            raise ValueError(f"unknown FAISS index kind {kind!r}; known: flat, hnsw, ivf, ivfpq")
-        self.index.add(vectors)
+        elif kind == "ivfpq":
+            log.info("ivfpq over %d rows (< %d) searches them exactly", n, IVFPQ_MIN_ROWS)
+        # ivfpq builds on one OpenMP thread: its many short parallel regions stall whenever a
+        # second thread is descheduled; on the shared 2-core machine a 1M build took 12-17 s
+        # on one thread and 51-66 s on two.
+        with _openmp_threads(faiss, 1 if kind == "ivfpq" else None):
+            self.index = _new_index(
+                faiss, vectors, kind, hnsw_m, ef_construction, nlist, nprobe, pq_m, seed
+            )
+            self.index.add(vectors)
 
     def add(self, vectors: np.ndarray) -> None:
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -179,16 +172,55 @@ class FaissIndex:
         if self.rerank is not None:  # FAISS re-scores k x k_factor candidates
             params = faiss.IndexRefineSearchParameters(k_factor=max(1.0, self.rerank / k))
         # One query gains nothing from OpenMP threads, which only wait for each other: on a
-        # busy machine 2 threads took an ivfpq query at 1M from 1.1 to 20 ms (p50). The thread
-        # count is this thread's own (an OpenMP setting per calling thread), restored after.
-        threads = faiss.omp_get_max_threads()
-        if len(queries) == 1:
-            faiss.omp_set_num_threads(1)
-        try:
+        # busy machine 2 threads took an ivfpq query at 1M from 1.1 to 20 ms (p50).
+        with _openmp_threads(faiss, 1 if len(queries) == 1 else None):
             scores, rows = self.index.search(queries, k, params=params)
-        finally:
-            faiss.omp_set_num_threads(threads)
         return scores, rows.astype(np.int64)
+
+
+@contextmanager
+def _openmp_threads(faiss: Any, threads: int | None) -> Iterator[None]:
+    """FAISS on `threads` OpenMP threads (None: unchanged) within the block. The setting is
+    the calling thread's own (OpenMP keeps it per thread), so a replica's follower building
+    an index does not change what request threads search with; restored after."""
+    before = faiss.omp_get_max_threads()
+    if threads is not None:
+        faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _new_index(
+    faiss: Any,
+    vectors: np.ndarray,
+    kind: str,
+    hnsw_m: int,
+    ef_construction: int,
+    nlist: int | None,
+    nprobe: int | None,
+    pq_m: int | None,
+    seed: int,
+) -> Any:
+    """An empty FAISS index of `kind`, trained on `vectors` where it needs training."""
+    n, dim = vectors.shape
+    if kind == "flat" or (kind == "ivfpq" and n < IVFPQ_MIN_ROWS):
+        return faiss.IndexFlatIP(dim)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        return index
+    if kind == "ivf":
+        cells = _cells(n, nlist or int(math.sqrt(n)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, cells, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(_training_sample(vectors, 64 * cells, seed))
+        index.nprobe = min(nprobe or 32, cells)
+        return index
+    if kind == "ivfpq":
+        return _ivfpq(faiss, vectors, nlist, nprobe, pq_m, seed)
+    raise ValueError(f"unknown FAISS index kind {kind!r}; known: flat, hnsw, ivf, ivfpq")
 
 
 def _cells(rows: int, wanted: int) -> int:
@@ -223,7 +255,7 @@ def _ivfpq(
     codes = faiss.IndexIVFPQFastScan(quantizer, dim, cells, pq_m, 4, faiss.METRIC_INNER_PRODUCT)
     codes.cp.seed = seed
     codes.train(_training_sample(vectors, 40 * cells, seed))
-    codes.nprobe = min(nprobe or max(1, cells // 8), cells)
+    codes.nprobe = min(nprobe or max(1, cells // 6), cells)
     return faiss.IndexRefineFlat(codes)
 
 
