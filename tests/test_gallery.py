@@ -357,6 +357,7 @@ def test_a_rebuild_is_built_by_fetch_and_only_swapped_in_by_apply(
     """A replica fetches outside its lock and applies under it: a slow FAISS build must
     happen in fetch, or every search waits for it."""
     from facelab.gallery import search as search_module
+    from facelab.gallery.store import Snapshot
 
     rng = np.random.default_rng(10)
     groups = {"a": unit(rng.normal(size=(2, 16))), "b": unit(rng.normal(size=(1, 16)))}
@@ -365,6 +366,7 @@ def test_a_rebuild_is_built_by_fetch_and_only_swapped_in_by_apply(
         assert search.search(groups["b"], k=1)[0][0].identity == "b"
         store.rename("b", "c")
         change = search.fetch()
+        assert isinstance(change, Snapshot)  # a full load still reads as one (replica counts)
         assert search.query(groups["b"], k=1)[0][0].identity == "b"  # not yet applied
 
         def no_build(*args: object, **kwargs: object) -> None:

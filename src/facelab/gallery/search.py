@@ -306,15 +306,14 @@ def identity_rows(
 
 
 @dataclass(frozen=True)
-class Built:
-    """An index built over a snapshot, with its row and name maps, for `GallerySearch.apply`
-    to swap in (all the per-row work is done before, none under a replica's lock)."""
+class Built(Snapshot):
+    """A snapshot with the index over it built, and its row and name maps, for
+    `GallerySearch.apply` to swap in (all the per-row work done before, none under a replica's
+    lock). Still a `Snapshot`: code that tells full loads from deltas keeps working."""
 
-    revision: int
     index: VectorIndex | None  # None for an empty gallery
     method: str  # the method built (what ``auto`` chose)
-    labels: np.ndarray  # the identity label of each index row
-    names: list[str]  # label -> identity name
+    row_labels: np.ndarray  # the identity label of each index row
     live: dict[str, int]  # name -> label
     rows: list[int]  # label -> its rows in the index
 
@@ -385,7 +384,7 @@ class GallerySearch:
     def apply(self, change: Built | Snapshot | Delta) -> None:
         """Swap in a built index, or patch the index with a delta (memory only, no I/O; a bare
         snapshot is built first)."""
-        if isinstance(change, Snapshot):
+        if isinstance(change, Snapshot) and not isinstance(change, Built):
             change = self.prepare(change)
         if isinstance(change, Built):
             self._install(change)
@@ -405,16 +404,18 @@ class GallerySearch:
         names = list(snap.names)
         return Built(
             snap.revision,
+            names,
+            snap.labels,
+            snap.embeddings,
             index,
             method,
             labels,
-            names,
             {name: label for label, name in enumerate(names)},
             np.bincount(labels, minlength=len(names)).tolist(),
         )
 
     def _install(self, built: Built) -> None:
-        self._index, self._labels, self.built = built.index, built.labels, built.method
+        self._index, self._labels, self.built = built.index, built.row_labels, built.method
         self.names, self._live, self._rows = built.names, built.live, built.rows
         self._dead_rows = 0
         self._per_identity = max(self._rows, default=0)
