@@ -9,8 +9,8 @@ Embeddings are L2-normalised, so inner product = cosine similarity. Methods:
 - ``ivf``: FAISS inverted file over k-means cells (approximate; fast to build);
 - ``ivfpq``: inverted file whose cells hold 4-bit product-quantised codes scanned with SIMD
   ("fast scan", 64 bytes a 128-d vector instead of 512), the best `rerank` candidates then
-  re-scored exactly against the full vectors: the scan reads 1/8 of IVF's bytes, so recall
-  0.99 at a million identities costs about a millisecond (docs/postgres.md);
+  re-scored exactly against the full vectors: the scan reads 1/8 of IVF's bytes per vector,
+  so recall 0.99 at a million identities costs about a millisecond (docs/postgres.md);
 - ``auto``: ``exact`` up to `AUTO_EXACT_MAX` rows, ``ivfpq`` above (what a serving replica
   uses by default).
 
