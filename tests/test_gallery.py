@@ -247,21 +247,184 @@ def test_approximate_recall_is_reasonable(method: str) -> None:
     assert np.mean(exact[:, 0] == approx[:, 0]) >= 0.9
 
 
+def test_ivfpq_gives_exact_top1_and_scores_on_easy_data() -> None:
+    """Above IVFPQ_MIN_ROWS the index is a real IVF-PQ one; on well-separated mates its
+    re-ranked answer is exact search's, scores included (they come from the full vectors)."""
+    rng = np.random.default_rng(5)
+    vectors = unit(rng.normal(size=(3000, 64)))
+    mates = rng.choice(len(vectors), 100, replace=False)
+    queries = unit(vectors[mates] + 0.02 * rng.normal(size=(100, 64)))
+    index = build_index(vectors, "ivfpq", nprobe=16)
+    assert type(index.index).__name__ == "IndexRefineFlat"
+    exact_scores, exact_rows = build_index(vectors, "exact").search(queries, 3)
+    scores, rows = index.search(queries, 3)
+    np.testing.assert_array_equal(rows[:, 0], exact_rows[:, 0])
+    np.testing.assert_allclose(scores[:, 0], exact_scores[:, 0], atol=1e-5)
+    # Rows added after the build (a replica's patch) are found as well.
+    extra = unit(rng.normal(size=(5, 64)))
+    index.add(extra)
+    np.testing.assert_array_equal(index.search(extra, 1)[1][:, 0], np.arange(3000, 3005))
+
+
+def test_one_query_searches_on_one_openmp_thread() -> None:
+    """A single query gains nothing from OpenMP threads, which wait for each other (20x slower
+    on a busy machine); batches keep the caller's thread count, restored after either."""
+    import faiss
+
+    rng = np.random.default_rng(11)
+    vectors, queries = unit(rng.normal(size=(1000, 16))), unit(rng.normal(size=(4, 16)))
+    index = build_index(vectors, "ivfpq", nlist=8)
+    inner, seen = index.index, []
+
+    class Recording:
+        ntotal = inner.ntotal
+
+        def search(self, q: np.ndarray, k: int, params: object = None) -> tuple:
+            seen.append((len(q), faiss.omp_get_max_threads()))
+            return inner.search(q, k, params=params)
+
+    index.index = Recording()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        index.search(queries[:1], 3)
+        index.search(queries, 3)
+        assert seen == [(1, 1), (4, 2)]
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def test_ivfpq_builds_on_one_openmp_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two threads made a 1M build 4x slower on a busy machine; the caller's count is back
+    after the build."""
+    import faiss
+
+    from facelab.gallery import search as search_module
+
+    seen = []
+
+    def recording(*args: object) -> object:
+        seen.append(faiss.omp_get_max_threads())
+        return ivfpq(*args)
+
+    ivfpq = search_module._ivfpq
+    monkeypatch.setattr(search_module, "_ivfpq", recording)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(2)
+    try:
+        build_index(unit(np.random.default_rng(12).normal(size=(1000, 16))), "ivfpq")
+        assert seen == [1]
+        assert faiss.omp_get_max_threads() == 2
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def test_ivfpq_below_its_minimum_searches_exactly() -> None:
+    rng = np.random.default_rng(6)
+    vectors, queries = unit(rng.normal(size=(300, 32))), unit(rng.normal(size=(20, 32)))
+    exact_scores, exact_rows = build_index(vectors, "exact").search(queries, 5)
+    scores, rows = build_index(vectors, "ivfpq").search(queries, 5)
+    np.testing.assert_array_equal(rows, exact_rows)
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
+
+
+def test_auto_is_exact_for_small_galleries_and_ivfpq_above(
+    monkeypatch: pytest.MonkeyPatch, gallery: Path | str
+) -> None:
+    """`auto` picks by size at each build, and a replica whose gallery crosses the bound
+    rebuilds with the other method."""
+    from facelab.gallery import search as search_module
+
+    monkeypatch.setattr(search_module, "AUTO_EXACT_MAX", 700)
+    rng = np.random.default_rng(7)
+    assert type(build_index(unit(rng.normal(size=(700, 16))), "auto")).__name__ == "ExactIndex"
+    assert type(build_index(unit(rng.normal(size=(701, 16))), "auto")).__name__ == "FaissIndex"
+    groups = {f"id{i:03d}": unit(rng.normal(size=(1, 16))) for i in range(690)}
+    with store_with_vectors(gallery, groups) as store:
+        search = GallerySearch(store, "auto", nprobe=8)
+        assert search.search(groups["id007"], k=1)[0][0].identity == "id007"
+        assert search.built == "exact"
+        more = {f"new{i:02d}": unit(rng.normal(size=(1, 16))) for i in range(20)}
+        add_vectors(store, more)
+        assert search.search(more["new03"], k=1)[0][0].identity == "new03"
+        assert search.built == "ivfpq"
+
+
+def test_a_rebuild_is_built_by_fetch_and_only_swapped_in_by_apply(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A replica fetches outside its lock and applies under it: a slow FAISS build must
+    happen in fetch, or every search waits for it."""
+    from facelab.gallery import search as search_module
+    from facelab.gallery.store import Snapshot
+
+    rng = np.random.default_rng(10)
+    groups = {"a": unit(rng.normal(size=(2, 16))), "b": unit(rng.normal(size=(1, 16)))}
+    with store_with_vectors(tmp_path / "g.db", groups) as store:
+        search = GallerySearch(store, "flat")
+        assert search.search(groups["b"], k=1)[0][0].identity == "b"
+        store.rename("b", "c")
+        change = search.fetch()
+        assert isinstance(change, Snapshot)  # a full load still reads as one (replica counts)
+        assert search.query(groups["b"], k=1)[0][0].identity == "b"  # not yet applied
+
+        def no_build(*args: object, **kwargs: object) -> None:
+            raise AssertionError("apply built an index")
+
+        monkeypatch.setattr(search_module, "build_index", no_build)
+        search.apply(change)
+        assert search.query(groups["b"], k=1)[0][0].identity == "c"
+        assert search.revision == store.revision()
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        ("ivfpq", {"nprobe": 0}, "search option nprobe must be an integer >= 1, not 0"),
+        ("ivfpq", {"rerank": True}, "search option rerank must be an integer >= 1"),
+        ("ivfpq", {"nlist": 2.5}, "search option nlist must be an integer >= 1, not 2.5"),
+        ("ivfpq", {"ef_search": 64}, "'ivfpq' has no option 'ef_search'; known: nlist, nprobe"),
+        ("exact", {"nprobe": 8}, "'exact' has no option 'nprobe'; known: none"),
+        ("ivfp", {}, "unknown search method 'ivfp'"),
+    ],
+)
+def test_search_options_are_checked_before_any_build(
+    method: str, options: dict, message: str
+) -> None:
+    vectors = unit(np.random.default_rng(8).normal(size=(1000, 16)))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_index(vectors, method, **options)
+    with store_with_vectors(":memory:", {"a": vectors[:1]}) as store:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            GallerySearch(store, method, **options)
+
+
+def test_ivfpq_sub_quantisers_must_divide_the_dimension() -> None:
+    vectors = unit(np.random.default_rng(9).normal(size=(1000, 16)))
+    with pytest.raises(ValueError, match=r"pq_m \(5\) must divide the embedding dimension \(16\)"):
+        build_index(vectors, "ivfpq", pq_m=5)
+
+
 def store_with_vectors(path: Path | str, groups: dict[str, np.ndarray]) -> GalleryStore:
     """A gallery holding given embeddings (no model needed: a made-up ModelInfo)."""
+    store = open_store(path, create=True)
+    add_vectors(store, groups)
+    return store
+
+
+def add_vectors(store: GalleryStore, groups: dict[str, np.ndarray]) -> None:
+    """Enroll each name with its given embeddings."""
     from facelab.gallery.store import EnrolledFace
 
     dim = next(iter(groups.values())).shape[1]
-    info = ModelInfo("synthetic", "f" * 16, dim, {})
-    store = open_store(path, create=True)
     store.add(
         {
             n: [EnrolledFace(f"{n}_{i}", "", 0, v) for i, v in enumerate(vs)]
             for n, vs in groups.items()
         },
-        info,
+        ModelInfo("synthetic", "f" * 16, dim, {}),
     )
-    return store
 
 
 @pytest.mark.parametrize("aggregate", ["max", "mean"])

@@ -9,6 +9,7 @@ import io
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,23 @@ def test_cli_refuses_to_serve_without_a_key(
     local = ["serve", "--model", str(checkpoint), "--insecure-local", "--host", "0.0.0.0"]
     assert main(local) == 2
     assert "127.0.0.1 only" in caplog.text
+
+
+def test_search_options_reach_the_replica_and_are_checked_first(
+    model: FaceModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--search-option` is checked before the model loads (a missing checkpoint is not what
+    gets reported), and ServeConfig.search_options reach the replica's index."""
+    serve = ["serve", "--model", str(tmp_path / "absent.pt"), "--insecure-local"]
+    serve += ["--gallery", str(tmp_path / "g.db"), "--search", "ivfpq"]
+    assert main([*serve, "--search-option", "ef_search=64"]) == 2
+    assert "search method 'ivfpq' has no option 'ef_search'; known: nlist, nprobe" in caplog.text
+    assert "absent.pt" not in caplog.text
+    with pytest.raises(SystemExit):
+        main([*serve, "--search-option", "nprobe"])
+    config = ServeConfig(gallery=tmp_path / "g.db", keys=KEYS, search="hnsw")
+    with pytest.raises(ValueError, match="'hnsw' has no option 'nprobe'"):
+        create_app(model, replace(config, search_options={"nprobe": 8}))
 
 
 def test_keys_from_env_and_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -521,6 +521,7 @@ def _add_submission_commands(sub: Any) -> None:
 
 @command("serve")
 def _serve(args: argparse.Namespace) -> None:
+    from facelab.gallery.search import check_options
     from facelab.serve.app import ServeConfig, run
     from facelab.serve.security import ApiKeys
 
@@ -528,6 +529,8 @@ def _serve(args: argparse.Namespace) -> None:
         if not Path(args.library).is_file():
             raise SystemExit(f"{args.library}: no library (facelab index PHOTOS --library FILE)")
         args.gallery = args.library
+    search_options = dict(args.search_option)
+    check_options(args.search, search_options)  # before the model loads
     source = _model_source(args)
     config = ServeConfig(
         gallery=args.gallery,
@@ -547,6 +550,7 @@ def _serve(args: argparse.Namespace) -> None:
         model_source=source,
         search=args.search,
         snapshot_dir=Path(args.snapshot) if args.snapshot else None,
+        search_options=search_options,
     )
     run(_gallery_model(args, runtime=args.runtime), config, host=args.host, port=args.port)
 
@@ -624,9 +628,18 @@ def _add_deployment_commands(sub: Any) -> None:
     p.add_argument("--keep-dir", help="where enrollments with keep_images write them")
     p.add_argument(
         "--search",
-        choices=("exact", "flat", "hnsw", "ivf"),
-        default="exact",
-        help="the replica's in-memory index: exact (default) or a FAISS index",
+        choices=("auto", "exact", "flat", "hnsw", "ivf", "ivfpq"),
+        default="auto",
+        help="the replica's in-memory index: auto (default: exact up to 100k rows, ivfpq "
+        "above), exact, or a FAISS index",
+    )
+    p.add_argument(
+        "--search-option",
+        action="append",
+        default=[],
+        type=_search_option,
+        metavar="NAME=VALUE",
+        help="an index parameter, e.g. nprobe=256 (repeatable; docs/postgres.md)",
     )
     p.add_argument(
         "--snapshot",
@@ -978,7 +991,7 @@ def _search_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument(
         "--method",
-        choices=("exact", "flat", "hnsw", "ivf"),
+        choices=("exact", "flat", "hnsw", "ivf", "ivfpq", "auto"),
         default="exact",
         help="exact matrix product (default) or a FAISS index",
     )
@@ -992,6 +1005,13 @@ def _search_options() -> argparse.ArgumentParser:
         "--all-faces", action="store_true", help="use every face of an image (default: main one)"
     )
     return p
+
+
+def _search_option(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep or not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"not NAME=INTEGER: {text!r}")
+    return name.strip(), int(value)
 
 
 def _positive_int(text: str) -> int:

@@ -6,7 +6,13 @@ Embeddings are L2-normalised, so inner product = cosine similarity. Methods:
   build cost, and fast enough up to a few hundred thousand vectors;
 - ``flat``: FAISS ``IndexFlatIP``, the same exact answer with FAISS's BLAS kernels;
 - ``hnsw``: FAISS HNSW graph (approximate; sub-linear queries, slow to build);
-- ``ivf``: FAISS inverted file over k-means cells (approximate; fast to build).
+- ``ivf``: FAISS inverted file over k-means cells (approximate; fast to build);
+- ``ivfpq``: inverted file whose cells hold 4-bit product-quantised codes scanned with SIMD
+  ("fast scan", 64 bytes a 128-d vector instead of 512), the best `rerank` candidates then
+  re-scored exactly against the full vectors: the scan reads 1/8 of IVF's bytes per vector,
+  so recall 0.99 at a million identities costs about a millisecond (docs/postgres.md);
+- ``auto``: ``exact`` up to `AUTO_EXACT_MAX` rows, ``ivfpq`` above (what a serving replica
+  uses by default).
 
 An identity may have several enrolled images. Its score for a query is, by default, the
 **max** over its images (``aggregate="max"``: robust when the enrolled photos differ in pose or
@@ -26,8 +32,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -36,8 +44,23 @@ from facelab.gallery.store import GalleryError, GalleryStore, Snapshot
 
 log = logging.getLogger(__name__)
 
-METHODS = ("exact", "flat", "hnsw", "ivf")
+METHODS = ("exact", "flat", "hnsw", "ivf", "ivfpq", "auto")
 AGGREGATES = ("max", "mean")
+# The options each method accepts (positive integers), checked before anything is built.
+OPTIONS = {
+    "exact": (),
+    "flat": (),
+    "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
+    "ivf": ("nlist", "nprobe", "seed"),
+    "ivfpq": ("nlist", "nprobe", "rerank", "pq_m", "seed"),
+    "auto": ("nlist", "nprobe", "rerank", "pq_m", "seed"),
+}
+# `auto` searches exactly up to this many rows: there an exact query costs <= ~10 ms, and it
+# needs no build; above, it builds `ivfpq`.
+AUTO_EXACT_MAX = 100_000
+# Fewer rows than this give the 16 codes of each 4-bit sub-quantiser too few training points
+# (FAISS asks for 39 per code); `ivfpq` then searches them exactly (FAISS flat).
+IVFPQ_MIN_ROWS = 16 * 39
 
 
 class VectorIndex(Protocol):
@@ -89,10 +112,13 @@ class ExactIndex:
 
 
 class FaissIndex:
-    """A FAISS inner-product index: ``flat`` (exact), ``hnsw`` or ``ivf`` (approximate).
+    """A FAISS inner-product index: ``flat`` (exact), ``hnsw``, ``ivf`` or ``ivfpq``
+    (approximate).
 
     hnsw_m / ef_search trade HNSW memory and latency for recall; nlist (default sqrt N) and
-    nprobe (cells scanned per query) do the same for IVF.
+    nprobe (cells scanned per query; for ivfpq 1/6 of them) do the same for IVF; for ivfpq,
+    pq_m sub-quantisers of 4 bits each code a vector (default one per dimension) and the best
+    `rerank` candidates of the code scan (at least k) are re-scored exactly.
     """
 
     def __init__(
@@ -103,7 +129,9 @@ class FaissIndex:
         ef_construction: int = 40,
         ef_search: int = 64,
         nlist: int | None = None,
-        nprobe: int = 32,
+        nprobe: int | None = None,
+        rerank: int = 512,
+        pq_m: int | None = None,
         seed: int = 0,
     ) -> None:
         try:
@@ -113,47 +141,151 @@ class FaissIndex:
                 "FAISS search needs faiss-cpu: pip install 'facelab[search]'"
             ) from exc
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        n, dim = vectors.shape
+        n = len(vectors)
         self.kind = kind
         self.ef_search = ef_search
-        if kind == "flat":
-            self.index = faiss.IndexFlatIP(dim)
-        elif kind == "hnsw":
-            self.index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            self.index.hnsw.efConstruction = ef_construction
-        elif kind == "ivf":
-            # k-means wants >= 39 training points per cell; small galleries get fewer cells.
-            cells = max(1, min(nlist or int(math.sqrt(n)), n // 39))
-            quantizer = faiss.IndexFlatIP(dim)
-            self.index = faiss.IndexIVFFlat(quantizer, dim, cells, faiss.METRIC_INNER_PRODUCT)
-            sample = vectors
-            if n > 64 * cells:  # more training points barely move the centroids, only the cost
-                sample = vectors[np.random.default_rng(seed).choice(n, 64 * cells, replace=False)]
-            self.index.cp.seed = seed
-            self.index.train(sample)
-            self.index.nprobe = min(nprobe, cells)
-        else:
-            raise ValueError(f"unknown FAISS index kind {kind!r}; known: flat, hnsw, ivf")
-        self.index.add(vectors)
+        self.rerank: int | None = None  # set for an ivfpq index with re-ranking
+        if kind == "ivfpq" and n >= IVFPQ_MIN_ROWS:
+            self.rerank = rerank
+        elif kind == "ivfpq":
+            log.info("ivfpq over %d rows (< %d) searches them exactly", n, IVFPQ_MIN_ROWS)
+        # ivfpq builds on one OpenMP thread: its many short parallel regions stall whenever a
+        # second thread is descheduled; on the shared 2-core machine a 1M build took 12-17 s
+        # on one thread and 51-66 s on two.
+        with _openmp_threads(faiss, 1 if kind == "ivfpq" else None):
+            self.index = _new_index(
+                faiss, vectors, kind, hnsw_m, ef_construction, nlist, nprobe, pq_m, seed
+            )
+            self.index.add(vectors)
 
     def add(self, vectors: np.ndarray) -> None:
         self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
         k = min(k, self.index.ntotal)
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.ef_search, k)
-        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        params = None
+        if self.rerank is not None:  # FAISS re-scores k x k_factor candidates
+            params = faiss.IndexRefineSearchParameters(k_factor=max(1.0, self.rerank / k))
+        # One query gains nothing from OpenMP threads, which only wait for each other: on a
+        # busy machine 2 threads took an ivfpq query at 1M from 1.1 to 20 ms (p50).
+        with _openmp_threads(faiss, 1 if len(queries) == 1 else None):
+            scores, rows = self.index.search(queries, k, params=params)
         return scores, rows.astype(np.int64)
+
+
+@contextmanager
+def _openmp_threads(faiss: Any, threads: int | None) -> Iterator[None]:
+    """FAISS on `threads` OpenMP threads (None: unchanged) within the block. The setting is
+    the calling thread's own (OpenMP keeps it per thread), so a replica's follower building
+    an index does not change what request threads search with; restored after."""
+    before = faiss.omp_get_max_threads()
+    if threads is not None:
+        faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _new_index(
+    faiss: Any,
+    vectors: np.ndarray,
+    kind: str,
+    hnsw_m: int,
+    ef_construction: int,
+    nlist: int | None,
+    nprobe: int | None,
+    pq_m: int | None,
+    seed: int,
+) -> Any:
+    """An empty FAISS index of `kind`, trained on `vectors` where it needs training."""
+    n, dim = vectors.shape
+    if kind == "flat" or (kind == "ivfpq" and n < IVFPQ_MIN_ROWS):
+        return faiss.IndexFlatIP(dim)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        return index
+    if kind == "ivf":
+        cells = _cells(n, nlist or int(math.sqrt(n)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, cells, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        index.train(_training_sample(vectors, 64 * cells, seed))
+        index.nprobe = min(nprobe or 32, cells)
+        return index
+    if kind == "ivfpq":
+        return _ivfpq(faiss, vectors, nlist, nprobe, pq_m, seed)
+    raise ValueError(f"unknown FAISS index kind {kind!r}; known: flat, hnsw, ivf, ivfpq")
+
+
+def _cells(rows: int, wanted: int) -> int:
+    """IVF cells for `rows` vectors: k-means wants >= 39 training points per cell, so small
+    galleries get fewer cells than asked for."""
+    return max(1, min(wanted, rows // 39))
+
+
+def _training_sample(vectors: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """At most `size` of the vectors: more training points barely move k-means' centroids,
+    only its cost."""
+    if len(vectors) <= size:
+        return vectors
+    return vectors[np.random.default_rng(seed).choice(len(vectors), size, replace=False)]
+
+
+def _ivfpq(
+    faiss: Any,
+    vectors: np.ndarray,
+    nlist: int | None,
+    nprobe: int | None,
+    pq_m: int | None,
+    seed: int,
+) -> Any:
+    """IVF over 4-bit PQ fast-scan codes, its candidates re-scored on the full vectors."""
+    n, dim = vectors.shape
+    pq_m = pq_m or dim
+    if dim % pq_m:
+        raise ValueError(f"pq_m ({pq_m}) must divide the embedding dimension ({dim})")
+    cells = _cells(n, nlist or int(math.sqrt(n)))
+    quantizer = faiss.IndexFlatIP(dim)
+    codes = faiss.IndexIVFPQFastScan(quantizer, dim, cells, pq_m, 4, faiss.METRIC_INNER_PRODUCT)
+    codes.cp.seed = seed
+    codes.train(_training_sample(vectors, 40 * cells, seed))
+    codes.nprobe = min(nprobe or max(1, cells // 6), cells)
+    return faiss.IndexRefineFlat(codes)
+
+
+def check_options(method: str, options: dict[str, int]) -> None:
+    """Refuse an unknown method, an option it does not take, or a value that is not an
+    integer >= 1, naming it (a replica's configuration fails at start, not at its first build).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown search method {method!r}; known: {', '.join(METHODS)}")
+    for name, value in options.items():
+        if name not in OPTIONS[method]:
+            known = ", ".join(OPTIONS[method]) or "none"
+            raise ValueError(f"search method {method!r} has no option {name!r}; known: {known}")
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"search option {name} must be an integer >= 1, not {value!r}")
+
+
+def auto_method(rows: int) -> str:
+    """The method `auto` builds for an index of `rows` vectors."""
+    return "exact" if rows <= AUTO_EXACT_MAX else "ivfpq"
 
 
 def build_index(vectors: np.ndarray, method: str = "exact", **options: int) -> VectorIndex:
     """An index of `method` (one of METHODS) over unit vectors."""
+    check_options(method, options)
+    if method == "auto":
+        method = auto_method(len(vectors))
     if method == "exact":
         return ExactIndex(vectors)
-    if method in METHODS:
-        return FaissIndex(vectors, kind=method, **options)
-    raise ValueError(f"unknown search method {method!r}; known: {', '.join(METHODS)}")
+    return FaissIndex(vectors, kind=method, **options)
 
 
 def identity_rows(
@@ -174,6 +306,19 @@ def identity_rows(
 
 
 @dataclass(frozen=True)
+class Built(Snapshot):
+    """A snapshot with the index over it built, and its row and name maps, for
+    `GallerySearch.apply` to swap in (all the per-row work done before, none under a replica's
+    lock). Still a `Snapshot`: code that tells full loads from deltas keeps working."""
+
+    index: VectorIndex | None  # None for an empty gallery
+    method: str  # the method built (what ``auto`` chose)
+    row_labels: np.ndarray  # the identity label of each index row
+    live: dict[str, int]  # name -> label
+    rows: list[int]  # label -> its rows in the index
+
+
+@dataclass(frozen=True)
 class Match:
     identity: str
     score: float
@@ -191,8 +336,7 @@ class GallerySearch:
     def __init__(
         self, store: GalleryStore, method: str = "exact", aggregate: str = "max", **options: int
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"unknown search method {method!r}; known: {', '.join(METHODS)}")
+        check_options(method, options)
         if aggregate not in AGGREGATES:
             raise ValueError(f"unknown aggregate {aggregate!r}; known: {', '.join(AGGREGATES)}")
         self.store = store
@@ -203,15 +347,19 @@ class GallerySearch:
         self.names: list[str] = []  # label -> identity name (labels of tombstones included)
         self._live: dict[str, int] = {}  # name -> its label in the index
         self._index: VectorIndex | None = None
+        self.built = method  # the method of the index built (for "auto": the one it chose)
 
     def refresh(self) -> None:
         """Bring the index to the gallery's current revision."""
         if self.revision != self.store.revision():
             self.apply(self.fetch())
 
-    def fetch(self) -> Snapshot | Delta:
+    def fetch(self) -> Built | Delta:
         """What the index needs from the store: the changes since its revision where the store
-        logs them and a patch is worth it, else a full snapshot."""
+        logs them and a patch is worth it, else a full snapshot with its new index built here
+        (a replica calls this outside its lock, so searches go on during a slow FAISS build).
+        Also a rebuild when the changes take an ``auto`` index across `AUTO_EXACT_MAX`: the
+        rebuild switches method."""
         patchable = (
             isinstance(self.store, PostgresStore)
             and self._index is not None
@@ -219,30 +367,62 @@ class GallerySearch:
         )
         if patchable and self.revision is not None:
             try:
-                return self.store.changes_since(self.revision)
+                delta = self.store.changes_since(self.revision)
             except LogPruned as exc:
                 log.warning("%s; reading the whole gallery", exc)
-        return self.store.snapshot()
+            else:
+                if self._method_for(self._live_rows_after(delta)) == self.built:
+                    return delta
+        return self.prepare(self.store.snapshot())
 
-    def apply(self, change: Snapshot | Delta) -> None:
-        """Rebuild from a snapshot, or patch the index with a delta (memory only, no I/O)."""
-        if isinstance(change, Snapshot):
-            self._build(change)
+    def _live_rows_after(self, delta: Delta) -> int:
+        """How many live rows the index would hold once `delta` is patched in."""
+        rows = len(self._labels) - self._dead_rows
+        for name in delta.changed:
+            label = self._live.get(name)
+            rows -= 0 if label is None else self._rows[label]
+        for embeddings in delta.embeddings.values():
+            rows += 1 if self.aggregate == "mean" else len(embeddings)
+        return rows
+
+    def apply(self, change: Built | Snapshot | Delta) -> None:
+        """Swap in a built index, or patch the index with a delta (memory only, no I/O; a bare
+        snapshot is built first)."""
+        if isinstance(change, Snapshot) and not isinstance(change, Built):
+            change = self.prepare(change)
+        if isinstance(change, Built):
+            self._install(change)
         else:
             self._patch(change)
         self.revision = change.revision
 
-    def _build(self, snap: Snapshot) -> None:
-        vectors, self._labels = identity_rows(snap.embeddings, snap.labels, self.aggregate)
-        self.names = list(snap.names)
-        self._live = {name: label for label, name in enumerate(self.names)}
-        self._rows = np.bincount(self._labels, minlength=len(self.names)).tolist()
+    def _method_for(self, rows: int) -> str:
+        return auto_method(rows) if self.method == "auto" else self.method
+
+    def prepare(self, snap: Snapshot) -> Built:
+        """The index over a snapshot (the slow part of a rebuild; touches no state)."""
+        vectors, labels = identity_rows(snap.embeddings, snap.labels, self.aggregate)
+        index = build_index(vectors, self.method, **self.options) if len(vectors) else None
+        method = self._method_for(len(vectors))
+        log.debug("built %s index of %d rows at revision %d", method, len(vectors), snap.revision)
+        names = list(snap.names)
+        return Built(
+            snap.revision,
+            names,
+            snap.labels,
+            snap.embeddings,
+            index,
+            method,
+            labels,
+            {name: label for label, name in enumerate(names)},
+            np.bincount(labels, minlength=len(names)).tolist(),
+        )
+
+    def _install(self, built: Built) -> None:
+        self._index, self._labels, self.built = built.index, built.row_labels, built.method
+        self.names, self._live, self._rows = built.names, built.live, built.rows
         self._dead_rows = 0
         self._per_identity = max(self._rows, default=0)
-        self._index = build_index(vectors, self.method, **self.options) if len(vectors) else None
-        log.debug(
-            "built %s index of %d rows at revision %d", self.method, len(vectors), snap.revision
-        )
 
     def _patch(self, delta: Delta) -> None:
         for name in delta.changed:

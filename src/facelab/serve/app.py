@@ -103,8 +103,9 @@ class ServeConfig:
     max_wait_ms: float = 5.0
     keep_dir: Path | None = None  # where enrollments asking to keep images write them
     model_source: str | None = None  # recorded in the gallery (how to load the model again)
-    search: str = "exact"  # the in-memory index's method (gallery.search.METHODS)
+    search: str = "auto"  # the in-memory index's method (gallery.search.METHODS)
     snapshot_dir: Path | None = None  # where the replica saves its index (PostgreSQL only)
+    search_options: dict[str, int] = field(default_factory=dict)  # gallery.search.OPTIONS
     # Host names the server answers to besides localhost, 127.0.0.1 and [::1]; with none,
     # a keyed server answers to any (the key is the protection), an insecure one to loopback.
     allowed_hosts: tuple[str, ...] = ()
@@ -396,7 +397,9 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         if config.model_source:
             store.set_model_source(config.model_source)
         kept.reconcile(store, keep_dir)
-    replica = GalleryReplica(config.gallery, config.search, snapshot_dir=config.snapshot_dir)
+    replica = GalleryReplica(
+        config.gallery, config.search, snapshot_dir=config.snapshot_dir, **config.search_options
+    )
     page = resources.files("facelab.serve").joinpath("static/index.html").read_bytes()
     page_policy = _content_security_policy(page)
     limits = {

@@ -70,7 +70,7 @@ class LibraryFaceOut(BaseModel):
     landmarks: list[list[float]]
     det_score: float
     source: str = Field(
-        description="the route that found the face (pipeline route: detected, upsampled, padded, whole_frame, ...)"
+        description="the pipeline route that found the face: detected, upsampled, padded, ..."
     )
     quality: dict[str, float] = Field(description="score and its parts (docs/collections.md)")
     person_id: int | None
