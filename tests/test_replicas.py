@@ -29,9 +29,9 @@ from test_gallery_postgres import INFO, faces
 
 from facelab.cli import main
 from facelab.gallery.backends import open_store
-from facelab.gallery.replica import GalleryReplica
+from facelab.gallery.replica import GalleryReplica, index_vectors
 from facelab.gallery.saved_index import load_index, save_index, saved_index_path
-from facelab.gallery.search import GallerySearch
+from facelab.gallery.search import GallerySearch, build_index
 from facelab.gallery.store import GalleryError
 from facelab.models.checkpoint import save_checkpoint
 
@@ -395,6 +395,16 @@ def test_restarted_replica_reads_only_the_changes_since_its_saved_index(
         replica.close()
     assert load_index(path).revision == 3  # saved again on close, compacted
     assert len(load_index(path).labels) == 40 - 2 + added
+
+
+@pytest.mark.parametrize("method", ["exact", "flat", "hnsw", "ivf", "ivfpq"])
+def test_a_saved_index_holds_the_exact_vectors_of_every_index_method(method: str) -> None:
+    """What a replica saves is read back from its index: ivfpq's compressed codes must not
+    leak into the saved file (it keeps the full vectors for re-ranking)."""
+    vectors = unit(np.random.default_rng(4).normal(size=(1000, 16))).astype(np.float32)
+    index = build_index(vectors, method)
+    np.testing.assert_array_equal(index_vectors(index), vectors)
+    np.testing.assert_array_equal(index_vectors(index, np.array([7, 3])), vectors[[7, 3]])
 
 
 def _damage(path: Path) -> None:
