@@ -1,25 +1,30 @@
 """Detect -> align -> embed speed of facelab beside dlib (and face_recognition), in ONE run.
 
 Same decoded images for every pipeline (default: the first 500 distinct images of LFW
-pairsDevTest.txt). Times, per face, medians over `--repeats` runs:
+pairsDevTest.txt; decoding is not timed). Times, per face, medians over `--repeats` runs:
   dlib: HOG detector + 5-point shape model + ResNet descriptor (batch 1, as dlib's API works),
   and dlib's CNN (MMOD) detector alone on the first `--cnn-images` images (it is slow);
   face_recognition.face_encodings (HOG, "small" 5-point model) when it imports;
   facelab: each detector of `--detectors` (MTCNN port, BlazeFace) + alignment (the
   registered five-point template, and dlib's own chip from the 5-point shape-model port) +
-  dlib_resnet port, at batch 1 and batch 32, with the traced/frozen fast path and (batch 32)
-  without it; each detector alone at batch 1 and 32; for the embedding stage alone also
-  channels_last, onnxruntime (when installed), optional torch.compile, and batch sizes 1 to
+  dlib_resnet port, at batch 1 and batch 32, with each embedding runtime of `--runtimes`
+  (the traced/frozen TorchScript fast path; onnxruntime, `--runtime onnx`) and with `--eager`
+  also the eager model at batch 32; each detector alone at batch 1 and 32; for the embedding
+  stage alone also channels_last, onnxruntime, optional torch.compile, and batch sizes 1 to
   64. facelab's MTCNN looks for faces from 40 pixels up (dlib's HOG detector at upsample 0:
   from about 80); `--mtcnn-20` adds a row with facenet-pytorch's 20.
 dlib and the facelab pipelines run round by round (A, B, A, B, ...), as do the detectors
-alone, so the load of a shared machine falls on each alike.
+alone, so the load of a shared machine falls on each alike. Threads: torch's default (all
+cores) unless `--threads` or OMP_NUM_THREADS says otherwise.
 Also: cosine agreement of facelab's and dlib's descriptors on the same images, and the
 achieved GFLOP/s of each detector and of the embedding against this machine's float32
-matmul peak measured in the same run (the better of a reading before and one after the timings).
+matmul peak measured in the same run (the better of a reading before and one after the
+timings). The last table is issue 23's speed table: dlib, MTCNN pipeline, BlazeFace pipeline;
+batch 1 and 32; detector alone and end to end; ratios to dlib; GFLOP/s against the peak.
 
     python benchmarks/bench_pipeline.py [--images 500] [--repeats 3] [--compile]
         [--cnn-images 10] [--profile] [--detectors mtcnn blazeface] [--mtcnn-20]
+        [--runtimes torch onnx] [--eager] [--threads N]
 """
 
 from __future__ import annotations
@@ -98,6 +103,21 @@ def flops_of(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def onnx_runner(model: FaceModel) -> FaceModel:
+    """The model embedding with onnxruntime (`load_model(..., runtime="onnx")`)."""
+    from facelab.models.export import load_onnx, onnx_bytes
+
+    return load_onnx(onnx_bytes(model))
+
+
+RUNTIMES = {"torch": FaceModel.for_inference, "onnx": onnx_runner}
+RUNTIME_LABELS = {"torch": "fast path", "onnx": "onnxruntime"}
+
+
+def pipeline_label(detector: str, alignment: str, batch: int, runtime: str) -> str:
+    return f"facelab {detector} + {alignment}, batch {batch} ({RUNTIME_LABELS[runtime]})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", default=str(SHARED / "data/lfw/pairsDevTest.txt"))
@@ -129,7 +149,21 @@ def main() -> None:
     parser.add_argument(
         "--mtcnn-20", action="store_true", help="one more row: MTCNN from 20-pixel faces"
     )
+    parser.add_argument(
+        "--runtimes",
+        nargs="+",
+        choices=tuple(RUNTIMES),
+        default=["torch", "onnx"] if importlib.util.find_spec("onnxruntime") else ["torch"],
+        help="embedding runtimes of the facelab pipelines (default: both when onnxruntime "
+        "is installed)",
+    )
+    parser.add_argument(
+        "--eager", action="store_true", help="also the eager (untraced) model at batch 32"
+    )
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     paths = list(dict.fromkeys(p for t in read_trials(args.pairs) for p in (t.a, t.b)))
     images = [read_image(p) for p in paths[: args.images]]
@@ -212,14 +246,18 @@ def main() -> None:
     cases: dict[str, Callable[[], dict[str, float]]] = {DLIB: run_dlib}
     for alignment in args.alignment:
         model = dlib_resnet(alignment)
-        fast = model.for_inference()
+        runners = {runtime: RUNTIMES[runtime](model) for runtime in args.runtimes}
         for name, det in detectors.items():
-            for label, runner, batch in (
-                (f"facelab {name} + {alignment}, batch 1 (fast path)", fast, 1),
-                (f"facelab {name} + {alignment}, batch 32 (eager)", model, 32),
-                (f"facelab {name} + {alignment}, batch 32 (fast path)", fast, 32),
-            ):
+            labelled = [
+                (pipeline_label(name, alignment, batch, runtime), runner, batch)
+                for runtime, runner in runners.items()
+                for batch in (1, 32)
+            ]
+            if args.eager:
+                labelled.append((f"facelab {name} + {alignment}, batch 32 (eager)", model, 32))
+            for label, runner, batch in labelled:
                 cases[label] = lambda a=label, r=runner, b=batch, d=det: run_facelab(a, r, b, d)
+    fast = runners["torch"] if "torch" in runners else model.for_inference()
     end_to_end = interleaved(cases, args.repeats)
     dlib_ms = end_to_end[DLIB]
     rows[:0] = [(DLIB, dlib_ms)]
@@ -227,16 +265,9 @@ def main() -> None:
     rows.extend((k, v) for k, v in detect_ms.items())
     ref = ref[0]
     if args.mtcnn_20:
-        runs = [
-            run_facelab(
-                f"facelab mtcnn + {alignment}, batch 32 (fast path), MTCNN from 20 px faces",
-                fast,
-                32,
-                DETECTORS.create("mtcnn", min_face_size=20),
-            )
-            for _ in range(args.repeats)
-        ]
-        record(f"facelab mtcnn + {alignment}, batch 32 (fast path), MTCNN from 20 px faces", runs)
+        label = f"facelab mtcnn + {alignment}, batch 32 (fast path), MTCNN from 20 px faces"
+        mtcnn_20 = DETECTORS.create("mtcnn", min_face_size=20)
+        record(label, [run_facelab(label, fast, 32, mtcnn_20) for _ in range(args.repeats)])
 
     if args.profile:
         with torch.profiler.profile() as prof:
@@ -255,11 +286,9 @@ def main() -> None:
     if args.compile:
         variants["torch.compile"] = torch.compile(load_model("dlib_resnet").backbone)
     if importlib.util.find_spec("onnxruntime") is not None:
-        from facelab.models.export import load_onnx, onnx_bytes
-
-        variants["onnxruntime"] = load_onnx(onnx_bytes(model)).backbone
+        variants["onnxruntime"] = onnx_runner(model).backbone
     embed_only = {}
-    by_batch = {}
+    by_batch: dict[str, dict[int, float]] = {"traced+frozen": {}, "onnxruntime": {}}
     with torch.inference_mode():
         for name, fn in variants.items():
             fn(x)
@@ -268,9 +297,13 @@ def main() -> None:
             )
         for size in (1, 8, 16, 32, 64):
             xb = torch.randn(size, 3, spec.size, spec.size)
-            fast.backbone(xb)
-            fastest = min(timed(lambda b=xb: fast.backbone(b)) for _ in range(args.repeats))
-            by_batch[size] = 1000 * fastest / size
+            for name in by_batch:
+                if name in variants:
+                    variants[name](xb)
+                    fastest = min(
+                        timed(lambda f=variants[name], b=xb: f(b)) for _ in range(args.repeats)
+                    )
+                    by_batch[name][size] = 1000 * fastest / size
 
     # The peak again after the timings: on a shared machine the first reading can fall in a
     # busy moment (11 GFLOP/s against 24-35 achieved by the embedding in one such run).
@@ -303,21 +336,44 @@ def main() -> None:
         "\nembedding stage alone, batch 32, ms/face: "
         + ", ".join(f"{k} {v:.2f}" for k, v in embed_only.items())
     )
-    print(
-        "traced+frozen embedding by batch size, ms/face: "
-        + ", ".join(f"{b}: {v:.2f}" for b, v in by_batch.items())
-    )
+    for name, sizes in by_batch.items():
+        if sizes:
+            print(
+                f"{name} embedding by batch size, ms/face: "
+                + ", ".join(f"{b}: {v:.2f}" for b, v in sizes.items())
+            )
     by_label = dict(rows)
     alignment = args.alignment[-1]
+    print(
+        f"\nSpeed table ({alignment} alignment; ms per face; GFLOP/s achieved against the "
+        f"float32 matmul peak of {peak:.1f} GFLOP/s read in this run, "
+        f"{torch.get_num_threads()} torch threads)\n"
+    )
+    print(
+        "| pipeline | batch | detector alone ms | end to end ms | dlib time / this "
+        "| detector GFLOP/s | embedding GFLOP/s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| {DLIB.split(' (')[0]} | 1 | {dlib_ms['detect']:.1f} | {dlib_ms['total']:.1f} "
+        f"| 1.00x | | |"
+    )
     for name in detectors:
-        alone = by_label[f"{name} detection alone, batch 32"]["detect"]
-        best = by_label[f"facelab {name} + {alignment}, batch 32 (fast path)"]
-        print(
-            f"achieved, {name}: detect {detect_flops[name] / alone / 1e6:.1f} GFLOP/s "
-            f"({detect_flops[name] / 1e9:.3f} GFLOP/face, batch 32 alone), embed "
-            f"{embed_flops / best['embed'] / 1e6:.1f} GFLOP/s ({embed_flops / 1e9:.2f} "
-            f"GFLOP/face); peak {peak:.1f} GFLOP/s"
-        )
+        for runtime in args.runtimes:
+            for batch in (1, 32):
+                alone = by_label[f"{name} detection alone, batch {batch}"]["detect"]
+                ms = by_label[pipeline_label(name, alignment, batch, runtime)]
+                print(
+                    f"| facelab {name} ({RUNTIME_LABELS[runtime]}) | {batch} | {alone:.1f} "
+                    f"| {ms['total']:.1f} | {dlib_ms['total'] / ms['total']:.2f}x "
+                    f"| {detect_flops[name] / alone / 1e6:.1f} "
+                    f"| {embed_flops / ms['embed'] / 1e6:.1f} |"
+                )
+    print(
+        "\nArithmetic per face: "
+        + ", ".join(f"{k} {v / 1e9:.3f} GFLOP" for k, v in detect_flops.items())
+        + f", dlib_resnet {embed_flops / 1e9:.3f} GFLOP"
+    )
     first = args.detectors[0]
     for name in args.detectors[1:]:
         speedups = [
@@ -325,19 +381,22 @@ def main() -> None:
             / by_label[f"{name} detection alone, batch {b}"]["detect"]
             for b in (1, 32)
         ]
-        end = [
-            dlib_ms["total"]
-            / by_label[f"facelab {name} + {alignment}, batch {b} (fast path)"]["total"]
-            for b in (1, 32)
-        ]
         print(
             f"{name}: detection {speedups[0]:.2f}x (batch 1) and {speedups[1]:.2f}x (batch 32) "
-            f"faster than {first} (target 5x); end to end {end[0]:.2f}x (batch 1, target 8x) "
-            f"and {end[1]:.2f}x (batch 32, target 15x) faster than dlib"
+            f"faster than {first} (target 5x)"
         )
+        for runtime in args.runtimes:
+            end = [
+                dlib_ms["total"] / by_label[pipeline_label(name, alignment, b, runtime)]["total"]
+                for b in (1, 32)
+            ]
+            print(
+                f"{name} + {RUNTIME_LABELS[runtime]}: end to end {end[0]:.2f}x (batch 1, "
+                f"target 8x) and {end[1]:.2f}x (batch 32, target 15x) faster than dlib"
+            )
     found = np.array(dlib.found[:n])  # the first timed round's images, in order
     for label, out in results.items():
-        if "batch 32 (fast path)" not in label or "20 px" in label:
+        if "batch 32 (" not in label or "eager" in label or "20 px" in label:
             continue
         cos = np.einsum("ij,ij->i", out.embeddings, ref_unit)
         print(

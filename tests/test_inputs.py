@@ -243,16 +243,15 @@ def tight_crops(photos: list[np.ndarray], size: int, side: float = 1.1) -> list[
     return crops
 
 
+@pytest.mark.parametrize("detector", ["mtcnn", "blazeface"])
 @pytest.mark.parametrize(("size", "least"), [(112, 0.98), (64, 0.98), (32, 0.93)])
 def test_tight_crops_embed_like_the_photo(
-    model: object,
-    photos: list[np.ndarray],
-    photo_embeddings: np.ndarray,
-    size: int,
-    least: float,
+    model: object, photos: list[np.ndarray], size: int, least: float, detector: str
 ) -> None:
-    """Before: a 32-px thumbnail fell back to the centre crop (cosine about 0.5)."""
-    result = embed_images(model, tight_crops(photos, size), progress=False)
+    """Before: a 32-px thumbnail fell back to the centre crop (cosine about 0.5). Crops and
+    photos are embedded with the same detector."""
+    photo_embeddings = embed_images(model, photos, detector=detector, progress=False).embeddings
+    result = embed_images(model, tight_crops(photos, size), detector=detector, progress=False)
     cosines = (result.embeddings * photo_embeddings).sum(axis=1)
     assert CENTRE_FALLBACK not in set(result.routes)
     assert cosines.min() > least, f"{size} px: cosines {np.round(cosines, 3)}, {result.routes}"
@@ -351,18 +350,19 @@ def test_server_replies_carry_the_route(tmp_path: Path) -> None:
 
 
 class SeesOnlyLarge:
-    """MTCNN that finds nothing in images under `side` pixels: forces the later routes."""
+    """A detector that finds nothing in images under `side` pixels: forces the later routes."""
 
-    def __init__(self, side: int) -> None:
-        self.side, self.mtcnn = side, DETECTORS.create("mtcnn")
+    def __init__(self, side: int, detector: str = "mtcnn") -> None:
+        self.side, self.detector = side, DETECTORS.create(detector)
 
     def detect(self, images: list[np.ndarray]) -> list[object]:
-        found = self.mtcnn.detect(images)
-        empty = self.mtcnn.detect([np.zeros((16, 16, 3), np.uint8)])[0]
+        found = self.detector.detect(images)
+        empty = self.detector.detect([np.zeros((16, 16, 3), np.uint8)])[0]
         pairs = zip(images, found, strict=True)
         return [d if min(im.shape[:2]) >= self.side else empty for im, d in pairs]
 
 
+@pytest.mark.parametrize("detector", ["mtcnn", "blazeface"])
 @pytest.mark.parametrize(("side", "route"), [(200, "padded"), (10_000, "whole_frame")])
 def test_later_routes_align_the_face(
     model: object,
@@ -370,11 +370,12 @@ def test_later_routes_align_the_face(
     photo_embeddings: np.ndarray,
     side: int,
     route: str,
+    detector: str,
 ) -> None:
     """Faces found in the padded view are mapped back to the crop's pixels, and dlib's shape
-    model on the whole frame aligns a crop the detector cannot see."""
+    model on the whole frame aligns a crop the detector cannot see (with either detector)."""
     crops = tight_crops(photos, 112)
-    result = embed_images(model, crops, detector=SeesOnlyLarge(side), progress=False)
+    result = embed_images(model, crops, detector=SeesOnlyLarge(side, detector), progress=False)
     assert set(result.routes) == {route}
     cosines = (result.embeddings * photo_embeddings).sum(axis=1)
     assert cosines.min() > 0.95, f"{route}: {np.round(cosines, 3)}"
