@@ -268,7 +268,7 @@ def main() -> None:
     del exact
     # Cached indexes are named by the gallery they index and the code that builds them, so a
     # changed recipe or default rebuilds.
-    builders = (FaissIndex.__init__, search_module._new_index, search_module._ivfpq)
+    builders = (FaissIndex.__init__, search_module._new_index, search_module._trained)
     builders += (search_module._cells, search_module._training_sample)
     recipe = "".join(inspect.getsource(f) for f in builders)
     sample = gallery[:: max(1, len(gallery) // 1000)].tobytes()

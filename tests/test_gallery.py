@@ -225,13 +225,21 @@ def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def assert_same_as_exact(
+    vectors: np.ndarray, queries: np.ndarray, method: str, k: int
+) -> np.ndarray:
+    """`method` finds exactly exact search's rows and scores; the exact scores."""
+    exact_scores, exact_rows = build_index(vectors, "exact").search(queries, k)
+    scores, rows = build_index(vectors, method).search(queries, k)
+    np.testing.assert_array_equal(rows, exact_rows)
+    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
+    return exact_scores
+
+
 def test_exact_and_faiss_flat_agree() -> None:
     rng = np.random.default_rng(0)
     vectors, queries = unit(rng.normal(size=(3000, 64))), unit(rng.normal(size=(70, 64)))
-    exact_scores, exact_rows = build_index(vectors, "exact").search(queries, 10)
-    flat_scores, flat_rows = build_index(vectors, "flat").search(queries, 10)
-    np.testing.assert_array_equal(exact_rows, flat_rows)
-    np.testing.assert_allclose(exact_scores, flat_scores, atol=1e-5)
+    exact_scores = assert_same_as_exact(vectors, queries, "flat", 10)
     brute = np.sort(queries @ vectors.T, axis=1)[:, ::-1][:, :10]
     np.testing.assert_allclose(exact_scores, brute, atol=1e-6)
 
@@ -306,10 +314,10 @@ def test_ivfpq_builds_on_one_openmp_thread(monkeypatch: pytest.MonkeyPatch) -> N
 
     def recording(*args: object) -> object:
         seen.append(faiss.omp_get_max_threads())
-        return ivfpq(*args)
+        return new_index(*args)
 
-    ivfpq = search_module._ivfpq
-    monkeypatch.setattr(search_module, "_ivfpq", recording)
+    new_index = search_module._new_index
+    monkeypatch.setattr(search_module, "_new_index", recording)
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(2)
     try:
@@ -323,10 +331,7 @@ def test_ivfpq_builds_on_one_openmp_thread(monkeypatch: pytest.MonkeyPatch) -> N
 def test_ivfpq_below_its_minimum_searches_exactly() -> None:
     rng = np.random.default_rng(6)
     vectors, queries = unit(rng.normal(size=(300, 32))), unit(rng.normal(size=(20, 32)))
-    exact_scores, exact_rows = build_index(vectors, "exact").search(queries, 5)
-    scores, rows = build_index(vectors, "ivfpq").search(queries, 5)
-    np.testing.assert_array_equal(rows, exact_rows)
-    np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
+    assert_same_as_exact(vectors, queries, "ivfpq", 5)
 
 
 def test_auto_is_exact_for_small_galleries_and_ivfpq_above(

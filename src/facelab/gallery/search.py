@@ -214,12 +214,17 @@ def _new_index(
     if kind == "ivf":
         cells = _cells(n, nlist or int(math.sqrt(n)))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, cells, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        index.train(_training_sample(vectors, 64 * cells, seed))
-        index.nprobe = min(nprobe or 32, cells)
-        return index
-    if kind == "ivfpq":
-        return _ivfpq(faiss, vectors, nlist, nprobe, pq_m, seed)
+        return _trained(index, vectors, cells, 64, nprobe or 32, seed)
+    if kind == "ivfpq":  # IVF over 4-bit PQ fast-scan codes, re-scored on the full vectors
+        pq_m = pq_m or dim
+        if dim % pq_m:
+            raise ValueError(f"pq_m ({pq_m}) must divide the embedding dimension ({dim})")
+        cells = _cells(n, nlist or int(math.sqrt(n)))
+        codes = faiss.IndexIVFPQFastScan(
+            faiss.IndexFlatIP(dim), dim, cells, pq_m, 4, faiss.METRIC_INNER_PRODUCT
+        )
+        codes = _trained(codes, vectors, cells, 40, nprobe or max(1, cells // 6), seed)
+        return faiss.IndexRefineFlat(codes)
     raise ValueError(f"unknown FAISS index kind {kind!r}; known: flat, hnsw, ivf, ivfpq")
 
 
@@ -229,34 +234,23 @@ def _cells(rows: int, wanted: int) -> int:
     return max(1, min(wanted, rows // 39))
 
 
+def _trained(
+    index: Any, vectors: np.ndarray, cells: int, per_cell: int, nprobe: int, seed: int
+) -> Any:
+    """An IVF index with its k-means trained on `per_cell` points per cell (a sample) and
+    `nprobe` of its cells scanned per query."""
+    index.cp.seed = seed
+    index.train(_training_sample(vectors, per_cell * cells, seed))
+    index.nprobe = min(nprobe, cells)
+    return index
+
+
 def _training_sample(vectors: np.ndarray, size: int, seed: int) -> np.ndarray:
     """At most `size` of the vectors: more training points barely move k-means' centroids,
     only its cost."""
     if len(vectors) <= size:
         return vectors
     return vectors[np.random.default_rng(seed).choice(len(vectors), size, replace=False)]
-
-
-def _ivfpq(
-    faiss: Any,
-    vectors: np.ndarray,
-    nlist: int | None,
-    nprobe: int | None,
-    pq_m: int | None,
-    seed: int,
-) -> Any:
-    """IVF over 4-bit PQ fast-scan codes, its candidates re-scored on the full vectors."""
-    n, dim = vectors.shape
-    pq_m = pq_m or dim
-    if dim % pq_m:
-        raise ValueError(f"pq_m ({pq_m}) must divide the embedding dimension ({dim})")
-    cells = _cells(n, nlist or int(math.sqrt(n)))
-    quantizer = faiss.IndexFlatIP(dim)
-    codes = faiss.IndexIVFPQFastScan(quantizer, dim, cells, pq_m, 4, faiss.METRIC_INNER_PRODUCT)
-    codes.cp.seed = seed
-    codes.train(_training_sample(vectors, 40 * cells, seed))
-    codes.nprobe = min(nprobe or max(1, cells // 6), cells)
-    return faiss.IndexRefineFlat(codes)
 
 
 def check_options(method: str, options: dict[str, int]) -> None:
