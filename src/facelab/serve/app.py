@@ -87,9 +87,9 @@ class ServeConfig:
     """What the server needs besides the model; the defaults suit a small deployment."""
 
     gallery: backends.GalleryAddress  # a file, or postgresql://... shared by several replicas
-    library: bool = False  # the gallery file is a photo library: serve its People routes too
     keys: ApiKeys = ApiKeys()
     insecure_local: bool = False  # no key needed; `run` then binds 127.0.0.1 only
+    library: bool = False  # the gallery file is a photo library: serve its People routes too
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 24_000_000  # per image, from its header
     # bounded work per request (limits.py): pixels of all images, the working size images
