@@ -14,7 +14,7 @@ from PIL import Image
 
 from facelab.collections import people
 from facelab.collections.cluster import FALSE_MATCHES_PER_FACE, ClusterConfig
-from facelab.collections.library import IndexedFace, IndexedFile, Library, LibraryError
+from facelab.collections.library import FileState, IndexedFace, IndexedFile, Library, LibraryError
 from facelab.collections.quality import (
     BLUR_HALF,
     blur_part,
@@ -128,7 +128,7 @@ def people_axes():
 
 def _photo(path: str, vectors: list[np.ndarray], rng: np.random.Generator) -> IndexedFile:
     faces = [_face(i, _unit(v + 0.05 * rng.standard_normal(DIM))) for i, v in enumerate(vectors)]
-    return IndexedFile(path, f"sha-{path}", 1, 1, faces)
+    return IndexedFile(path, FileState(f"sha-{path}", 1, 1), faces)
 
 
 @pytest.fixture()
@@ -191,7 +191,7 @@ def test_low_quality_faces_stay_unclustered(tmp_path, people_axes):
         lib.bind_model(MODEL, None)
         faces = [_face(0, _unit(a + 0.05 * rng.standard_normal(DIM)), q) for q in (1, 1, 0.1)]
         lib.store_files(
-            [IndexedFile(f"/q/{i}.jpg", str(i), 1, 1, [f]) for i, f in enumerate(faces)]
+            [IndexedFile(f"/q/{i}.jpg", FileState(str(i), 1, 1), [f]) for i, f in enumerate(faces)]
         )
         config = ClusterConfig(threshold=0.9, k=5, min_quality=0.5)
         report = people.cluster_library(lib, THRESHOLD, config)
@@ -292,8 +292,8 @@ def test_library_refuses_other_models_and_files(tmp_path, library):
 
 def test_a_failed_batch_leaves_the_library_as_it_was(library):
     before = library.stats()
-    bad = IndexedFile("/p/9.jpg", "x", 1, 1, [_face(0, np.zeros(DIM, np.float32))] * 2)
-    broken = IndexedFile("/p/10.jpg", "y", 1, 1, [_face(0, np.zeros(DIM, np.float32))])
+    bad = IndexedFile("/p/9.jpg", FileState("x", 1, 1), [_face(0, np.zeros(DIM, np.float32))] * 2)
+    broken = IndexedFile("/p/10.jpg", FileState("y", 1, 1), [_face(0, np.zeros(DIM, np.float32))])
     object.__setattr__(broken, "faces", [None])  # fails mid-transaction
     with pytest.raises(AttributeError):
         library.store_files([bad, broken])
@@ -745,7 +745,7 @@ def test_a_version_1_library_is_migrated_to_route_names(tmp_path):
     with Library(path, create=True) as lib:
         lib.bind_model(ModelInfo("toy", "f" * 16, DIM, {"alignment": "five_point"}), None)
         faces = [_face(0, _unit(np.ones(DIM))), _face(1, _unit(np.ones(DIM)))]
-        lib.store_files([IndexedFile("/p/1.jpg", "sha", 1, 1, faces)])
+        lib.store_files([IndexedFile("/p/1.jpg", FileState("sha", 1, 1), faces)])
     with sqlite3.connect(path) as db:
         db.execute(
             "UPDATE lib_faces SET source = CASE face WHEN 0 THEN 'mtcnn' ELSE 'centre-crop' END"

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -127,7 +127,7 @@ def _load(path: str) -> _Loaded:
         log.warning("%s", exc)
         image = None
     sha = hashlib.sha256(data).hexdigest()
-    return _Loaded(path, FileState(sha, state.size, state.mtime_ns), image)
+    return _Loaded(path, replace(state, sha256=sha), image)
 
 
 def thumbnail_jpeg(image: np.ndarray, box: Sequence[float], side: int, quality: int) -> bytes:
@@ -272,11 +272,7 @@ class _FaceFinder:
                 )
                 for number, (face, image, crop) in enumerate(found)
             ]
-            out.append(
-                IndexedFile(
-                    item.path, item.state.sha256, item.state.size, item.state.mtime_ns, faces
-                )
-            )
+            out.append(IndexedFile(item.path, item.state, faces))
         return out
 
 

@@ -119,19 +119,17 @@ class IndexedFace:
 
 
 @dataclass(frozen=True)
-class IndexedFile:
-    path: str
-    sha256: str
-    size: int
-    mtime_ns: int
-    faces: Sequence[IndexedFace]
-
-
-@dataclass(frozen=True)
 class FileState:
     sha256: str
     size: int
     mtime_ns: int
+
+
+@dataclass(frozen=True)
+class IndexedFile:
+    path: str
+    state: FileState
+    faces: Sequence[IndexedFace]
 
 
 @dataclass(frozen=True)
@@ -297,7 +295,7 @@ class Library:
                 (file_id,) = db.execute(
                     "INSERT INTO lib_files (path, sha256, size, mtime_ns, faces, indexed) "
                     "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-                    (f.path, f.sha256, f.size, f.mtime_ns, len(f.faces), now),
+                    (f.path, f.state.sha256, f.state.size, f.state.mtime_ns, len(f.faces), now),
                 ).fetchone()
                 db.executemany(
                     "INSERT INTO lib_faces (file_id, face, x1, y1, x2, y2, landmarks, det_score,"
