@@ -159,12 +159,15 @@ def list_people(library: Library, min_faces: int = 1) -> list[Person]:
     """Every person with at least `min_faces` faces, named first, then by size."""
     table = library.faces("NOT f.ignored AND f.person_id IS NOT NULL")
     names = dict(library.query("SELECT id, name FROM lib_people"))
+    # one sort groups every person's rows (ascending within a person), not one scan per person
+    order = np.argsort(table.person, kind="stable")
+    ids, starts, counts = np.unique(table.person[order], return_index=True, return_counts=True)
     people = []
-    for pid in np.unique(table.person):
-        rows = np.flatnonzero(table.person == pid)
-        if len(rows) >= min_faces:
+    for pid, start, count in zip(ids, starts, counts, strict=True):
+        if count >= min_faces:
+            rows = order[start : start + count]
             people.append(
-                Person(int(pid), names.get(int(pid)), len(rows), representative(table, rows))
+                Person(int(pid), names.get(int(pid)), int(count), representative(table, rows))
             )
     return sorted(people, key=lambda p: (p.name is None, -p.faces, p.name or "", p.id))
 
