@@ -8,6 +8,7 @@ moments of the machine. Prints p50/p95/p99 per detector and checks every answer 
 enrolled person. Bounded: `--requests` per server, then both servers are stopped.
 
     python benchmarks/identify_latency.py [--requests 100] [--threads 2] [--runtimes torch onnx]
+        [--max-wait-ms 5 0]
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def probe_photo() -> bytes:
     return out.getvalue()
 
 
+def config_label(config: tuple[str, str, float | None], show_runtime: bool) -> str:
+    """A server's row name: its detector, and its runtime and batching wait where they vary."""
+    detector, runtime, wait = config
+    details = ([runtime] if show_runtime else []) + (
+        [f"wait {wait:g} ms"] if wait is not None else []
+    )
+    return f"{detector} ({', '.join(details)})" if details else detector
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=100, help="per server")
@@ -57,22 +67,33 @@ def main() -> None:
         default=["torch"],
         help="each server's embedding runtime (`facelab serve --runtime`)",
     )
+    parser.add_argument(
+        "--max-wait-ms",
+        nargs="+",
+        type=float,
+        help="each server's batching wait (`facelab serve --max-wait-ms`; default: serve's)",
+    )
     args = parser.parse_args()
-    configs = [(d, r) for d in DETECTORS for r in args.runtimes]
-    names = {c: c[0] if args.runtimes == ["torch"] else f"{c[0]} ({c[1]})" for c in configs}
+    waits = args.max_wait_ms or [None]
+    configs = [(d, r, w) for d in DETECTORS for r in args.runtimes for w in waits]
+    names = {
+        c: config_label(c, len(args.runtimes) > 1 or args.runtimes != ["torch"]) for c in configs
+    }
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     probe = probe_photo()
     servers = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for detector, runtime in configs:
-                folder = Path(tmp) / f"{detector}_{runtime}"
+            for detector, runtime, wait in configs:
+                folder = Path(tmp) / f"{detector}_{runtime}_{wait}"
                 folder.mkdir()
                 flags = ("--detector", detector, "--runtime", runtime)
+                if wait is not None:
+                    flags += ("--max-wait-ms", str(wait))
                 process, url, key = start_server(
                     "dlib_resnet", 8, args.threads, folder, "rw", flags
                 )
-                label = names[(detector, runtime)]
+                label = names[(detector, runtime, wait)]
                 servers[label] = (process, httpx.Client(base_url=url, timeout=120,
                                                         headers={"X-API-Key": key}))  # fmt: skip
                 files = [("images", (f"{n}.jpg", lfw_photo(n).read_bytes())) for n in (1, 2, 3)]

@@ -1,5 +1,6 @@
 """Load test of `facelab serve` on loopback: requests/s and latency percentiles at 1, 8 and 32
-concurrent clients, with dynamic batching and without (one model call at a time).
+concurrent clients, with dynamic batching (one mode per batching wait) and without (one model
+call at a time).
 
 For each mode the script starts its own server (`python -m facelab serve` on 127.0.0.1, a
 free port, a throw-away key and gallery), warms it up, then runs asyncio httpx clients that
@@ -7,7 +8,8 @@ POST LFW photos to /v1/embed; every level is bounded by a request count and a ti
 the server is stopped at the end. Prints one table (and writes it as JSON).
 
     python benchmarks/load_test.py [--model dlib_resnet] [--clients 1 8 32] [--requests 96]
-        [--max-seconds 90] [--max-batch 8] [--threads N] [--out runs/load_test.json]
+        [--max-seconds 90] [--max-batch 8] [--max-wait-ms 0 5] [--threads N]
+        [--out runs/load_test.json]
 """
 
 from __future__ import annotations
@@ -130,6 +132,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96, help="per level, at most")
     parser.add_argument("--max-seconds", type=float, default=90, help="per level, at most")
     parser.add_argument("--max-batch", type=int, default=8, help="the batching mode's batch")
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        nargs="+",
+        default=[0.0, 5.0],
+        help="one batching mode per value: how long a batch waits to fill",
+    )
     parser.add_argument("--threads", type=int, help="the server's OMP_NUM_THREADS")
     parser.add_argument("--out", default="runs/load_test.json")
     args = parser.parse_args()
@@ -139,8 +148,14 @@ def main() -> None:
     photos = [p.read_bytes() for p in sorted(Path(args.images).glob("*.jpg"))[:64]]
     rows = []
     with tempfile.TemporaryDirectory(prefix="facelab-load-") as tmp:
-        for mode, max_batch in (("batching", args.max_batch), ("one at a time", 1)):
-            process, url, key = start_server(args.model, max_batch, args.threads, Path(tmp))
+        modes = [(f"batching, wait {w:g} ms", args.max_batch, w) for w in args.max_wait_ms]
+        for mode, max_batch, wait in [*modes, ("one at a time", 1, 0.0)]:
+            folder = Path(tmp) / f"{max_batch}-{wait:g}"
+            folder.mkdir()
+            wait_flag = ("--max-wait-ms", str(wait))
+            process, url, key = start_server(
+                args.model, max_batch, args.threads, folder, extra=wait_flag
+            )
             try:
                 asyncio.run(run_level(url, key, photos, 2, 4, 120))  # warm-up
                 for clients in args.clients:
@@ -153,7 +168,7 @@ def main() -> None:
                             items = after[stage]["items"] - before[stage]["items"]
                             batches = after[stage]["batches"] - before[stage]["batches"]
                             row[f"{stage}_batch"] = items / max(1, batches)
-                    rows.append({"mode": mode, "max_batch": max_batch, **row})
+                    rows.append({"mode": mode, "max_batch": max_batch, "max_wait_ms": wait, **row})
                     log.info("%s", rows[-1])
             finally:
                 process.terminate()

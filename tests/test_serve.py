@@ -8,6 +8,7 @@ import base64
 import io
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from facelab.models.checkpoint import save_checkpoint
 from facelab.models.face_model import FaceModel
 from facelab.serve import ApiKeys, KeyConfigError, ServeConfig, create_app
 from facelab.serve.app import run
-from facelab.serve.batching import BatchedFaceModel, BatchQueue
+from facelab.serve.batching import BatchedFaceModel, BatchQueue, InFlight
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -338,6 +339,39 @@ def test_batch_queue_batches_and_isolates_failures() -> None:
     assert serial.submit([1, 2, 3]) == [1, 4, 9]
     assert serial.stats.largest == 1
     serial.close()
+
+
+def test_batches_wait_only_for_requests_in_progress() -> None:
+    """With an `InFlight` count the worker waits (here up to 60 s) only while a request in
+    progress has no item in its batch: a lone request runs at once; with two in progress the
+    first one's item waits for the second's and both go in one batch."""
+    batches: list[list[int]] = []
+
+    def record(items: list[int]) -> list[int]:
+        batches.append(items)
+        return items
+
+    in_flight = InFlight()
+    queue: BatchQueue[int, int] = BatchQueue(record, max_batch=8, max_wait=60, callers=in_flight)
+    with in_flight:
+        tick = time.monotonic()
+        assert queue.submit([1, 2]) == [1, 2]
+        assert time.monotonic() - tick < 30  # not the 60 s wait: nobody else to wait for
+    results: dict[str, list[int]] = {}
+
+    def first_request() -> None:
+        with in_flight:
+            results["a"] = queue.submit([3])
+
+    with in_flight:  # a second request, in progress before the first submits
+        a = threading.Thread(target=first_request)
+        a.start()
+        time.sleep(0.2)  # the worker has taken a's item and waits for this request's
+        results["b"] = queue.submit([4])
+    a.join(timeout=30)
+    queue.close()
+    assert results == {"a": [3], "b": [4]}
+    assert batches == [[1, 2], [3, 4]]
 
 
 def test_batched_model_embeds_as_the_model(model: FaceModel) -> None:

@@ -61,7 +61,7 @@ from facelab.models.face_model import FaceModel
 from facelab.models.preprocess import LANDMARK_ALIGNMENTS
 from facelab.pipeline import ROUTES, make_detector
 from facelab.serve import kept
-from facelab.serve.batching import BatchedDetector, BatchedFaceModel
+from facelab.serve.batching import BatchedDetector, BatchedFaceModel, InFlight
 from facelab.serve.inputs import NAME_PATTERN, ApiError, BodySpec, ImageField, Upload
 from facelab.serve.limits import Decoded, WorkLimits, deadline, decode_uploads
 from facelab.serve.people import add_people_routes
@@ -379,11 +379,16 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         config.max_faces,
         config.request_seconds,
     )
-    served = BatchedFaceModel(model, config.max_batch, wait)
+    in_flight = InFlight()  # requests doing model work: the batches wait only for those
+    served = BatchedFaceModel(model, config.max_batch, wait, callers=in_flight)
     detector: BatchedDetector | None = None
     if model.preprocess.alignment in LANDMARK_ALIGNMENTS:
         detector = BatchedDetector(
-            make_detector(model.preprocess), config.max_batch, wait, max_faces=work.max_faces
+            make_detector(model.preprocess),
+            config.max_batch,
+            wait,
+            max_faces=work.max_faces,
+            callers=in_flight,
         )
     info = ModelInfo.of(served)
     keep_dir = config.keep_dir or _default_keep_dir(config.gallery)
@@ -574,7 +579,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
         """`fn(*args)` in a worker thread, held to the request time limit."""
 
         def run_with_deadline() -> Any:
-            with deadline(work.seconds):
+            with deadline(work.seconds), in_flight:
                 return fn(*args)
 
         return await run_in_threadpool(run_with_deadline)
