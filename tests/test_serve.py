@@ -76,6 +76,28 @@ def test_cli_refuses_to_serve_without_a_key(
     assert "127.0.0.1 only" in caplog.text
 
 
+def test_cli_serves_with_onnxruntime_unless_told(
+    model: FaceModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`facelab serve` embeds with onnxruntime by default (the faster runtime for a request's
+    few faces) and with PyTorch given `--runtime torch`; the answers agree."""
+    import uvicorn
+
+    checkpoint = save_checkpoint(tmp_path / "tiny.pt", model)
+    apps: list[object] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: apps.append(app))
+    serve = ["serve", "--model", str(checkpoint), "--insecure-local"]
+    assert main([*serve, "--gallery", str(tmp_path / "a.db")]) == 0
+    assert main([*serve, "--gallery", str(tmp_path / "b.db"), "--runtime", "torch"]) == 0
+    answers = []
+    for app, runtime in zip(apps, ["onnx", "torch"], strict=True):
+        with TestClient(app, base_url="http://127.0.0.1") as client:  # a local-only server
+            assert client.get("/v1/info").json()["runtime"] == runtime
+            reply = client.post("/v1/embed", files=[upload("image", png(3))])
+            answers.append(reply.json()["faces"][0]["embedding"])
+    np.testing.assert_allclose(answers[0], answers[1], atol=1e-4)
+
+
 def test_search_options_reach_the_replica_and_are_checked_first(
     model: FaceModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
