@@ -130,6 +130,7 @@ def add_people_routes(
     writing = {"dependencies": [write], "responses": errors(400, 401, 403, 404, 413, 422, 429, 503)}
 
     def apply(action: Callable[[Library], T]) -> T:
+        """Run a curation, then let the served gallery catch up; returns what it returned."""
         with open_library() as lib:
             result = action(lib)
         on_change()
