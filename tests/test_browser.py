@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from people_library import GROUP, build_library, person_of
 from serving import KEYS, RO, RW, live_server
@@ -175,15 +176,18 @@ def test_page_verifies_enrolls_and_identifies(lfw: Path, tmp_path: Path, model: 
     assert shot.stat().st_size > 10_000
 
 
-def test_people_view_names_merges_moves_and_undoes(lfw: Path, tmp_path: Path, model: Any) -> None:
+def test_people_view_names_merges_moves_splits_and_undoes(
+    lfw: Path, tmp_path: Path, model: Any
+) -> None:
     library = build_library(lfw, tmp_path / "library", model)
     with Library(library) as lib:
         powell, serena, blair = (
             person_of(lib, n) for n in ("Colin_Powell", "Serena_Williams", "Tony_Blair")
         )
         blair_face = int(people.person_faces(lib, blair).ids[0])
+        powell_faces = [int(i) for i in people.person_faces(lib, powell).ids]
     app = create_app(model, ServeConfig(gallery=library, library=True, keys=KEYS))
-    with open_page(app, tmp_path / "profile") as (page, _, errors):
+    with open_page(app, tmp_path / "profile") as (page, url, errors):
         card = lambda pid: page.locator(f'.person[data-id="{pid}"]')  # noqa: E731
         # a read-only key sees the people but cannot name them
         use_key(page, RO)
@@ -240,6 +244,28 @@ def test_people_view_names_merges_moves_and_undoes(lfw: Path, tmp_path: Path, mo
             assert lib.face_details(blair_face)["ignored"]
         page.click("#undo-go")
         expect(card(serena).locator(".sheet img")).to_have_count(6)
+
+        # split: pick three of Powell's faces, unpick one, split the two off into a new person
+        card(powell).locator(".split-mode").click()
+        expect(card(powell).locator(".split-go")).to_be_disabled()
+        for face in (*powell_faces[:3], powell_faces[2]):
+            card(powell).locator(f'.sheet img[data-id="{face}"]').click()
+        expect(card(powell).locator(".sheet img.picked")).to_have_count(2)
+        expect(page.locator("#face-panel")).to_be_hidden()  # picking, not the face panel
+        expect(card(powell).locator(".split-go")).to_have_text("Split 2 faces off")
+        card(powell).locator(".split-go").click()
+        expect(page.locator("#people-result")).to_contain_text("split 2 faces of ")
+        expect(page.locator(".person")).to_have_count(3)
+        listed = httpx.get(f"{url}/v1/people", headers={"X-API-Key": RO}).json()["people"]
+        (new,) = [p["id"] for p in listed if p["id"] not in (powell, serena)]
+        shown = httpx.get(f"{url}/v1/people/{new}/faces", headers={"X-API-Key": RO}).json()
+        assert sorted(f["id"] for f in shown["faces"]) == sorted(powell_faces[:2])
+        expect(card(new).locator(".sheet img")).to_have_count(2)
+        expect(card(powell).locator(".sheet img")).to_have_count(2)
+        page.click("#undo-go")
+        expect(page.locator("#people-result")).to_contain_text(f"into person {new}")
+        expect(card(powell).locator(".sheet img")).to_have_count(4)
+        expect(page.locator(".person")).to_have_count(2)
 
         # the named person's photos: each with the face's thumbnail and its box
         card(powell).locator(".photos-go").click()

@@ -20,6 +20,7 @@ from facelab.collections import people
 from facelab.collections.library import Library, LibraryError
 from facelab.gallery import GalleryStore
 from facelab.serve import ServeConfig, create_app
+from facelab.serve.security import FailureLimiter
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -32,6 +33,7 @@ READ_ROUTES = [
 WRITE_ROUTES = [
     ("post", "/v1/people/{person}/name", {"name": "Ada"}),
     ("post", "/v1/people/{person}/merge", {"other": 2}),
+    ("post", "/v1/people/{person}/split", {"faces": [1]}),
     ("post", "/v1/faces/{face}/move", {"person": None}),
     ("post", "/v1/faces/{face}/ignore", None),
     ("post", "/v1/people/undo", None),
@@ -57,7 +59,10 @@ def library(built: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def client(library: Path, model) -> Iterator[TestClient]:
-    app = create_app(model, ServeConfig(gallery=library, library=True, keys=KEYS))
+    # every route gets a wrong key here; throttling those is test_hostile's subject
+    unthrottled = FailureLimiter(limit=1_000)
+    config = ServeConfig(gallery=library, library=True, keys=KEYS, key_failures=unthrottled)
+    app = create_app(model, config)
     with TestClient(app) as c:
         yield c
 
@@ -171,6 +176,105 @@ def test_curation_changes_the_library_and_undo_restores_it(
     assert client.get("/v1/identities", headers=READ).json()["identities"] == []
 
 
+def faces_of(library: Path, person: int) -> list[int]:
+    with Library(library) as lib:
+        return [int(i) for i in people.person_faces(lib, person).ids]
+
+
+def actions(library: Path) -> int:
+    with Library(library) as lib:
+        return lib.query("SELECT count(*) FROM lib_actions")[0][0]
+
+
+def test_split_makes_a_new_person_and_undo_restores_it(client: TestClient, library: Path) -> None:
+    powell = ids(library)["Colin_Powell"]
+    with Library(library) as lib:
+        start = people.list_people(lib)
+    ok = client.post(f"/v1/people/{powell}/name", json={"name": "Colin Powell"}, headers=WRITE)
+    assert ok.status_code == 200, ok.text
+    named = client.get("/v1/identities", headers=READ).json()["identities"]
+    assert [(i["name"], i["images"]) for i in named] == [("Colin Powell", 4)]
+    moved = faces_of(library, powell)[:2]
+
+    r = client.post("/v1/people/Colin Powell/split", json={"faces": moved}, headers=WRITE)
+    assert r.status_code == 200, r.text
+    new = r.json()["person"]
+    assert r.json() == {"done": f"split 2 faces of Colin Powell into person {new}", "person": new}
+    assert new not in {p.id for p in start}
+    assert faces_of(library, new) == sorted(moved)
+    left = faces_of(library, powell)
+    assert len(left) == 2 and set(left).isdisjoint(moved)
+    with Library(library) as lib:
+        assert all(lib.face_details(f)["pinned"] for f in moved)
+    listed = client.get("/v1/people", headers=READ).json()["people"]
+    assert {p["id"]: p["faces"] for p in listed}[new] == 2
+    shown = client.get(f"/v1/people/{new}/faces", headers=READ).json()
+    assert sorted(f["id"] for f in shown["faces"]) == sorted(moved)
+    # the served gallery caught up: the named person keeps only the faces left to him
+    people_list = client.get("/v1/identities", headers=READ).json()["identities"]
+    assert [(i["name"], i["images"]) for i in people_list] == [("Colin Powell", 2)]
+
+    r = client.post("/v1/people/undo", headers=WRITE)
+    assert r.json()["done"] == f"undone: split 2 faces into person {new}", r.text
+    with Library(library) as lib:
+        assert [(p.id, p.faces) for p in people.list_people(lib)] == [
+            (p.id, p.faces) for p in start
+        ]
+        assert not any(lib.face_details(f)["pinned"] for f in moved)
+    r = client.get(f"/v1/people/{new}/faces", headers=READ)
+    assert (r.status_code, r.json()["error"]) == (404, "not_found")
+    people_list = client.get("/v1/identities", headers=READ).json()["identities"]
+    assert [(i["name"], i["images"]) for i in people_list] == [("Colin Powell", 4)]
+
+
+def test_split_refuses_faces_that_are_not_the_persons(client: TestClient, library: Path) -> None:
+    who = ids(library)
+    powell, blair = who["Colin_Powell"], who["Tony_Blair"]
+    own, others = faces_of(library, powell), faces_of(library, blair)
+    with Library(library) as lib:
+        start = people.list_people(lib)
+    body = {"faces": [own[0], others[1], others[0]]}
+    r = client.post(f"/v1/people/{powell}/split", json=body, headers=WRITE)
+    assert (r.status_code, r.json()["error"]) == (422, "refused"), r.text
+    stray = sorted(others[:2])
+    assert r.json()["detail"] == f"lib.db: faces {stray} are not person {powell}'s"
+    # an ignored face is no longer the person's either
+    assert client.post(f"/v1/faces/{own[1]}/ignore", headers=WRITE).status_code == 200
+    r = client.post(f"/v1/people/{powell}/split", json={"faces": own[:2]}, headers=WRITE)
+    assert (r.status_code, r.json()["detail"]) == (
+        422,
+        f"lib.db: faces [{own[1]}] are not person {powell}'s",
+    )
+    assert actions(library) == 2  # the clustering and the ignore: the refusals did nothing
+    assert client.post("/v1/people/undo", headers=WRITE).status_code == 200
+    with Library(library) as lib:
+        assert people.list_people(lib) == start
+
+
+def test_split_keeps_the_cross_origin_and_host_rules(library: Path, model) -> None:
+    powell = ids(library)["Colin_Powell"]
+    face = faces_of(library, powell)[0]
+    url, body = f"/v1/people/{powell}/split", {"faces": [face]}
+    config = ServeConfig(gallery=library, library=True, keys=KEYS, allowed_hosts=("faces.lan",))
+    own = {**WRITE, "Host": "faces.lan"}
+    with TestClient(create_app(model, config)) as client:
+        for headers in (
+            {"Origin": "http://evil.example"},
+            {"Origin": "null"},
+            {"Referer": "http://evil.example/page.html"},
+            {"Sec-Fetch-Site": "cross-site"},
+        ):
+            r = client.post(url, json=body, headers={**own, **headers})
+            assert (r.status_code, r.json()["error"]) == (403, "cross_origin"), headers
+        r = client.post(url, json=body, headers={**own, "Host": "evil.example"})
+        assert (r.status_code, r.json()["error"]) == (421, "wrong_host")
+        assert actions(library) == 1
+        same = {**own, "Origin": "http://faces.lan", "Sec-Fetch-Site": "same-origin"}
+        r = client.post(url, json=body, headers=same)
+        assert r.status_code == 200, r.text
+        assert faces_of(library, r.json()["person"]) == [face]
+
+
 def test_reads_need_a_key_and_writes_the_read_write_key(
     client: TestClient, library: Path, subtests: pytest.Subtests
 ) -> None:
@@ -202,6 +306,9 @@ def test_unknown_people_and_faces_are_404(client: TestClient, library: Path) -> 
         ("post", "/v1/faces/999/move", {"person": None}, "no face 999"),
         ("post", "/v1/faces/1/move", {"person": "Nobody"}, "no person 'Nobody'"),
         ("post", "/v1/faces/999/ignore", None, "no face 999"),
+        ("post", "/v1/people/999/split", {"faces": [1]}, "no person '999'"),
+        ("post", "/v1/people/Nobody/split", {"faces": [1]}, "no person 'Nobody'"),
+        ("post", f"/v1/people/{powell}/split", {"faces": [999]}, "no face 999"),
     ]
     for method, url, body, detail in cases:
         r = client.request(method, url, json=body, headers=WRITE)
@@ -225,6 +332,13 @@ def test_bad_bodies_and_refused_actions_are_422(client: TestClient, library: Pat
         ("/v1/faces/1/move", {}, "invalid_request"),
         ("/v1/faces/1/move", {"person": True}, "invalid_request"),
         ("/v1/faces/1/move", {"person": ""}, "invalid_request"),
+        (f"/v1/people/{powell}/split", {"faces": []}, "invalid_request"),
+        (f"/v1/people/{powell}/split", {}, "invalid_request"),
+        (f"/v1/people/{powell}/split", {"faces": 1}, "invalid_request"),
+        (f"/v1/people/{powell}/split", {"faces": [0]}, "invalid_request"),
+        (f"/v1/people/{powell}/split", {"faces": ["1"]}, "invalid_request"),
+        (f"/v1/people/{powell}/split", {"faces": [True]}, "invalid_request"),
+        (f"/v1/people/{powell}/split", {"faces": [1], "extra": 1}, "invalid_request"),
     ]
     for url, body, code in bad:
         r = client.post(url, json=body, headers=WRITE)

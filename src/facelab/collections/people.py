@@ -218,14 +218,22 @@ def merge_people(library: Library, keep: str | int, other: str | int) -> None:
     sync_gallery(library)
 
 
-def split_person(library: Library, face_ids: list[int]) -> int:
-    """Move the given faces out into a new unnamed person (pinned there); returns its id."""
+def split_person(library: Library, face_ids: list[int], of: str | int | None = None) -> int:
+    """Move the given faces out into a new unnamed person (pinned there); returns its id.
+    With `of`, every face must be that person's, checked in the split's own transaction (so a
+    concurrent move cannot slip a face of someone else in)."""
+    face_ids = list(dict.fromkeys(face_ids))
     if not face_ids:
         raise LibraryError(f"{library.path}: split needs at least one face")
+    owner = None if of is None else person_id(library, of)
     for f in face_ids:
         _check_face(library, f)
     with library.write() as db:
         faces = _face_state(db, face_ids)
+        if owner is not None:  # the person's faces as `person_faces` sees them: not ignored
+            strays = sorted(f for f, p, _, ignored in faces if p != owner or ignored)
+            if strays:
+                raise LibraryError(f"{library.path}: faces {strays} are not person {owner}'s")
         (pid,) = db.execute(
             "INSERT INTO lib_people (name, created) VALUES (NULL, ?) RETURNING id", (time.time(),)
         ).fetchone()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Query, Response
 from fastapi import Path as PathParam
@@ -32,6 +32,8 @@ PersonRef = Annotated[
 PersonParam = Annotated[str, PathParam(description="a person's id, or name")]
 FaceParam = Annotated[int, PathParam(ge=1, description="a face's id")]
 Limit = Annotated[int | None, Query(ge=1, le=10_000, description="at most this many")]
+FaceId = Annotated[StrictInt, Field(ge=1)]
+T = TypeVar("T")
 
 
 class _Body(BaseModel):
@@ -48,6 +50,12 @@ class MergeIn(_Body):
 
 class MoveIn(_Body):
     person: PersonRef | None = Field(description="the target person; null takes the face out")
+
+
+class SplitIn(_Body):
+    faces: list[FaceId] = Field(
+        min_length=1, max_length=10_000, description="face ids of this person to split off"
+    )
 
 
 class PersonOut(BaseModel):
@@ -105,6 +113,10 @@ class DoneOut(BaseModel):
     done: str = Field(description="what was done (for undo: the action undone)")
 
 
+class SplitOut(DoneOut):
+    person: int = Field(description="the new person's id")
+
+
 def add_people_routes(
     app: FastAPI,
     open_library: Callable[[], Library],
@@ -117,10 +129,15 @@ def add_people_routes(
     reading = {"dependencies": [read], "responses": errors(401, 404, 422, 429, 503)}
     writing = {"dependencies": [write], "responses": errors(400, 401, 403, 404, 413, 422, 429, 503)}
 
-    def change(action: Callable[[Library], Any], done: str) -> DoneOut:
+    def apply(action: Callable[[Library], T]) -> T:
+        """Run a curation, then let the served gallery catch up; returns what it returned."""
         with open_library() as lib:
-            action(lib)
+            result = action(lib)
         on_change()
+        return result
+
+    def change(action: Callable[[Library], Any], done: str) -> DoneOut:
+        apply(action)
         return DoneOut(done=done)
 
     @app.get("/v1/people", response_model=PeopleOut, **reading)
@@ -178,6 +195,15 @@ def add_people_routes(
             f"merged {body.other} into {person}",
         )
 
+    @app.post("/v1/people/{person}/split", response_model=SplitOut, **writing)
+    def split(person: PersonParam, body: SplitIn) -> SplitOut:
+        """Move some of a person's faces out into a new unnamed person (pinned there); every
+        face must be this person's (else 422 naming the others)."""
+        new = apply(lambda lib: people.split_person(lib, body.faces, of=person))
+        n = len(set(body.faces))
+        done = f"split {n} face{'' if n == 1 else 's'} of {person} into person {new}"
+        return SplitOut(done=done, person=new)
+
     @app.post("/v1/faces/{face}/move", response_model=DoneOut, **writing)
     def move(face: FaceParam, body: MoveIn) -> DoneOut:
         """Put a face into another person, or (person null) take it out of any person."""
@@ -194,7 +220,4 @@ def add_people_routes(
     @app.post("/v1/people/undo", response_model=DoneOut, **writing)
     def undo() -> DoneOut:
         """Undo the library's last action (curation or clustering)."""
-        with open_library() as lib:
-            summary = people.undo(lib)
-        on_change()
-        return DoneOut(done=f"undone: {summary}")
+        return DoneOut(done=f"undone: {apply(people.undo)}")
