@@ -9,7 +9,10 @@
   until it answers, and its memory (RSS, peak), against the same replica over an empty gallery;
   then, per N, the same replica with `--snapshot`: its first start (no saved index: a full
   read, then saved), and a restart after 100 more identities were enrolled (the saved index
-  plus the changes since), with the rows it read from the database.
+  plus the changes since), with the rows it read from the database; beside that restart, the
+  same saved file and changes loaded by a `GalleryReplica` in this process (no server, no
+  model), before and after it, so in-server and in-process loads are compared on one machine
+  state. Each row gives the machine's 1-minute load average when it ended.
 
 The PostgreSQL cluster is a throwaway one (tests/postgres.py); the model is the tests' tiny
 random MobileFaceNet (128-d here), so the figures are about the gallery, replicas and HTTP,
@@ -23,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -43,6 +48,7 @@ from postgres import Cluster, Replica  # noqa: E402
 from serving import png, upload  # noqa: E402
 
 from facelab.gallery.backends import open_store  # noqa: E402
+from facelab.gallery.replica import GalleryReplica  # noqa: E402
 from facelab.gallery.store import EnrolledFace, ModelInfo  # noqa: E402
 from facelab.models.checkpoint import save_checkpoint  # noqa: E402
 from facelab.models.face_model import FaceModel  # noqa: E402
@@ -263,9 +269,9 @@ def startup(
     print(f"\n## startup: one replica (--search {search}) over N identities, 128-d\n")
     print(
         "| identities | fill s | start | start s (until /healthz) | of which gallery load s "
-        "| RSS MiB | peak RSS MiB | rows read |"
+        "| RSS MiB | peak RSS MiB | rows read | load avg |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in [0, *sizes]:
         gallery = cluster.new_database()
         filled = f"{bulk_fill(gallery, info, size) if size else 0.0:.0f}"
@@ -276,13 +282,39 @@ def startup(
         for n, (how, snapshot) in enumerate(runs):
             if n == 2:  # 100 identities enrolled while the replica was down
                 fill_more(gallery, info, size, 100)
+                saved_file = next((folder / f"saved_{size}").glob("*.npz"))
+                kept = shutil.copy(saved_file, folder / "kept.npz")  # each restart reads this
+                in_process = [loaded_in_process(gallery, search, saved_file, kept)]
             log = folder / f"start_{size}_{n}.log"
-            row = started(gallery, model, log, "--search", search, *snapshot)
+            row = [*started(gallery, model, log, "--search", search, *snapshot), load_average()]
             print(f"| {size:,} | {filled} | {how} | {' | '.join(row)} |", flush=True)
+            if n == 2:
+                in_process.append(loaded_in_process(gallery, search, saved_file, kept))
+                loads = " / ".join(in_process)
+                print(
+                    f"| {size:,} | | same file and changes, GalleryReplica in this process "
+                    f"(before / after the server) | | {loads} | | | | {load_average()} |",
+                    flush=True,
+                )
         if size:
             files = list((folder / f"saved_{size}").glob("*.npz"))
             print(f"| {size:,} | | saved index file: {files[0].stat().st_size / 2**20:.0f} MiB |")
         cluster.sql(f"DROP DATABASE {gallery.rsplit('/', 1)[1]}")
+
+
+def load_average() -> str:
+    return f"{os.getloadavg()[0]:.1f}"
+
+
+def loaded_in_process(gallery: str, search: str, saved_file: Path, kept: Path) -> str:
+    """The replica's first load (`loaded_in_s`) from `kept` put back in place of `saved_file`,
+    in this process; the file is put back again after (closing saves the caught-up index)."""
+    shutil.copy(kept, saved_file)
+    replica = GalleryReplica(gallery, search, snapshot_dir=saved_file.parent)
+    seconds = replica.status().loaded_in_s
+    replica.close()
+    shutil.copy(kept, saved_file)
+    return f"{seconds:.2f}"
 
 
 def fill_more(gallery: str, info: ModelInfo, first: int, count: int) -> None:

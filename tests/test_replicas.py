@@ -13,10 +13,13 @@ Latency is measured by benchmarks/pg_replicas.py, not asserted here (beyond "eve
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
+import re
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,10 +31,16 @@ from test_gallery import store_with_vectors, unit
 from test_gallery_postgres import INFO, faces
 
 from facelab.cli import main
+from facelab.gallery import replica as replica_module
 from facelab.gallery.backends import open_store
 from facelab.gallery.replica import GalleryReplica, index_vectors
-from facelab.gallery.saved_index import load_index, save_index, saved_index_path
-from facelab.gallery.search import GallerySearch, build_index
+from facelab.gallery.saved_index import (
+    SavedIndexUnusable,
+    load_index,
+    save_index,
+    saved_index_path,
+)
+from facelab.gallery.search import ExactIndex, GallerySearch, build_index
 from facelab.gallery.store import GalleryError
 from facelab.models.checkpoint import save_checkpoint
 
@@ -395,6 +404,109 @@ def test_restarted_replica_reads_only_the_changes_since_its_saved_index(
         replica.close()
     assert load_index(path).revision == 3  # saved again on close, compacted
     assert len(load_index(path).labels) == 40 - 2 + added
+
+
+def test_a_restarted_exact_replica_appends_the_changes_behind_the_saved_rows(
+    saved: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The changes since the saved index go into the room read after its vectors: growing the
+    index instead copied every saved row (512 MiB at a million) and doubled them at peak."""
+    address, path = saved
+    loaded = []
+
+    def recording(*args: object, **kwargs: object) -> object:
+        loaded.append(load_index(*args, **kwargs))  # type: ignore[arg-type]
+        return loaded[-1]
+
+    monkeypatch.setattr(replica_module, "load_index", recording)
+    added = change_gallery(address, 2)
+    replica = GalleryReplica(address, "exact", snapshot_dir=path.parent)
+    try:
+        index = replica._index
+        assert isinstance(index, ExactIndex) and len(index.vectors) == 40 + added
+        assert np.shares_memory(index.vectors, loaded[0].vectors)  # no copy of the 40
+        assert answers(replica, QUERIES) == full_answers(address, QUERIES)
+    finally:
+        replica.close()
+
+
+def test_an_exact_index_over_leading_rows_appends_into_the_rest() -> None:
+    buffer = unit(np.random.default_rng(5).normal(size=(6, 16))).astype(np.float32)
+    index = ExactIndex(buffer, rows=4)
+    _, rows = index.search(buffer[4:6], 4)
+    assert set(rows.ravel()) <= {0, 1, 2, 3}  # rows 4 and 5 are room, not searched
+    index.add(-buffer[:2])
+    assert np.shares_memory(index.vectors, buffer) and len(index.vectors) == 6
+    np.testing.assert_array_equal(buffer[4:], -buffer[:2])
+    assert index.search(-buffer[:2], 1)[1].ravel().tolist() == [4, 5]
+    with pytest.raises(ValueError, match=r"rows \(7\) must be within the 6 given"):
+        ExactIndex(buffer, rows=7)
+
+
+def _saved_arrays(path: Path, vectors: np.ndarray) -> None:
+    header = json.dumps(
+        {"format": 1, "revision": 1, "gallery_id": "g", "fingerprint": "f", "aggregate": "max"}
+    )
+    np.savez(
+        path,
+        header=np.frombuffer(header.encode(), np.uint8),
+        vectors=vectors,
+        labels=np.arange(len(vectors), dtype=np.int64),
+        names_utf8=np.frombuffer("".join(f"n{i}é" for i in range(len(vectors))).encode(), np.uint8),
+        name_ends=np.cumsum([len(f"n{i}é".encode()) for i in range(len(vectors))]),
+    )
+
+
+def test_a_saved_index_is_read_with_room_after_its_vectors(tmp_path: Path) -> None:
+    vectors = unit(np.random.default_rng(6).normal(size=(70_000, 16))).astype(np.float32)
+    _saved_arrays(tmp_path / "s.npz", vectors)  # more than one piece of the reader
+    saved = load_index(tmp_path / "s.npz", room=0.5)
+    np.testing.assert_array_equal(saved.vectors, vectors)
+    assert saved.vectors.base.shape == (105_000, 16)
+    assert saved.names[:2] == ["n0é", "n1é"] and saved.names[-1] == "n69999é"
+    assert load_index(tmp_path / "s.npz").vectors.base.shape == (70_000, 16)
+
+
+@pytest.mark.parametrize(
+    ("vectors", "message"),
+    [
+        (np.full((3, 4), np.nan, np.float32), "vectors that are not finite"),
+        (np.r_[np.zeros((70_000, 4)), [[0, np.inf, 0, 0]]].astype(np.float32), "not finite"),
+        (np.zeros((3, 4)), "vectors are float64 (3, 4), not float32 rows"),
+        (np.zeros(3, np.float32), "not float32 rows"),
+    ],
+)
+def test_a_saved_index_with_bad_vectors_is_refused_naming_the_file(
+    tmp_path: Path, vectors: np.ndarray, message: str
+) -> None:
+    _saved_arrays(tmp_path / "bad.npz", vectors)
+    expected = f"bad.npz: damaged saved index.*{re.escape(message)}"
+    with pytest.raises(SavedIndexUnusable, match=expected):
+        load_index(tmp_path / "bad.npz", room=0.5)
+
+
+@pytest.mark.parametrize(
+    ("promised", "message"),
+    [(10, "unreadable.*vectors end after 12 of 40"), (2, "damaged.*bytes after the vectors")],
+)
+def test_a_saved_index_whose_vectors_header_lies_is_refused(
+    tmp_path: Path, promised: int, message: str
+) -> None:
+    """A header promising more rows than follow must not leave uninitialised rows, nor one
+    promising fewer leave the rest unread (and unchecked)."""
+    path = tmp_path / "lies.npz"
+    _saved_arrays(path, np.zeros((promised, 4), np.float32))
+    npy = io.BytesIO()
+    header = {"descr": "<f4", "fortran_order": False, "shape": (promised, 4)}
+    np.lib.format.write_array_header_1_0(npy, header)
+    with zipfile.ZipFile(path) as old:
+        members = {name: old.read(name) for name in old.namelist()}
+    members["vectors.npy"] = npy.getvalue() + bytes(3 * 4 * 4)  # 3 rows follow
+    with zipfile.ZipFile(path, "w") as new:
+        for name, data in members.items():
+            new.writestr(name, data)
+    with pytest.raises(SavedIndexUnusable, match=f"lies.npz: {message}"):
+        load_index(path)
 
 
 @pytest.mark.parametrize("method", ["exact", "flat", "hnsw", "ivf", "ivfpq"])

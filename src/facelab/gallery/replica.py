@@ -20,6 +20,7 @@ thresholds, embeddings at its revision) so that searches go on, marked stale.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -48,6 +49,10 @@ from facelab.gallery.store import (
 )
 
 log = logging.getLogger(__name__)
+
+# Spare rows read after a saved index's vectors, as a fraction of them: what an exact index
+# would grow by at its first change anyway.
+SAVED_ROOM = 0.5
 
 
 @dataclass(frozen=True)
@@ -266,7 +271,7 @@ class GalleryReplica(GallerySearch):
             log.info("no saved index at %s: reading the whole gallery", path)
             return
         try:
-            saved = load_index(path)
+            saved = load_index(path, room=SAVED_ROOM)
         except SavedIndexUnusable as exc:
             log.warning("%s; reading the whole gallery", exc)
             return
@@ -292,8 +297,14 @@ class GalleryReplica(GallerySearch):
                 problem,
             )
             return
+        built = self.prepare(Snapshot(saved.revision, saved.names, saved.labels, saved.vectors))
+        if isinstance(built.index, ExactIndex) and self.aggregate == "max":
+            # Its rows are the saved vectors: append the changes into the room read after them
+            # (growing would copy every row: 512 MiB, and as much again at peak, at 1M).
+            index = ExactIndex(saved.vectors.base, rows=len(saved.vectors))
+            built = dataclasses.replace(built, index=index)
         with self._lock:
-            self.apply(Snapshot(saved.revision, saved.names, saved.labels, saved.vectors))
+            self.apply(built)
         self._snapshot_revision = self._saved_revision = saved.revision
         self._saved_at = time.monotonic()
         log.info(

@@ -18,6 +18,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -74,14 +75,20 @@ def save_index(path: Path, saved: SavedIndex) -> None:
     os.replace(partial, path)
 
 
-def load_index(path: Path) -> SavedIndex:
-    """The saved index in `path`; SavedIndexUnusable (naming the file) if it is not one."""
+def load_index(path: Path, room: float = 0.0) -> SavedIndex:
+    """The saved index in `path`; SavedIndexUnusable (naming the file) if it is not one.
+
+    room: spare rows after the vectors, as a fraction of them: `vectors` is then the leading
+    rows of a larger buffer (`vectors.base`), into which an `ExactIndex` appends the changes
+    since without copying the saved rows (untouched, the spare rows take no memory)."""
     try:
         with np.load(path, allow_pickle=False) as arrays:
             missing = sorted(set(_ARRAYS) - set(arrays.files))
             if missing:
                 raise SavedIndexUnusable(f"{path}: not a saved index (no {', '.join(missing)})")
-            header, vectors, labels, names_utf8, ends = (arrays[a] for a in _ARRAYS)
+            header, labels, names_utf8, ends = (arrays[a] for a in _ARRAYS if a != "vectors")
+            with arrays.zip.open("vectors.npy") as member:
+                vectors = _read_rows(path, member, room)
         fields = json.loads(header.tobytes().decode())
         if not isinstance(fields, dict) or fields.get("format") != FORMAT:
             raise SavedIndexUnusable(f"{path}: not a saved index of format {FORMAT}")
@@ -105,18 +112,52 @@ def load_index(path: Path) -> SavedIndex:
     return saved
 
 
+_CHUNK_BYTES = 1 << 18  # read, copied and checked for non-finite values a piece at a time
+
+
+def _read_rows(path: Path, member: IO[bytes], room: float) -> np.ndarray:
+    """The float32 rows of an .npy `member`, read straight into a buffer with `room` (a
+    fraction) more rows and checked finite piece by piece, so neither a second copy nor a
+    full-size temporary is made."""
+    version = np.lib.format.read_magic(member)
+    if version not in _NPY_HEADERS:
+        raise SavedIndexUnusable(f"{path}: vectors in an unknown .npy version {version}")
+    shape, fortran_order, dtype = _NPY_HEADERS[version](member)
+    if dtype != np.dtype("<f4") or fortran_order or len(shape) != 2:
+        raise SavedIndexUnusable(
+            f"{path}: damaged saved index (vectors are {dtype} {shape}, not float32 rows)"
+        )
+    rows, dim = shape
+    buffer = np.empty((rows + int(rows * room), dim), np.float32)
+    flat = buffer[:rows].reshape(-1)
+    step = max(1, _CHUNK_BYTES // 4)
+    for start in range(0, len(flat), step):
+        wanted = min(step, len(flat) - start)
+        piece = np.frombuffer(member.read(wanted * 4), "<f4")
+        if len(piece) < wanted:
+            raise EOFError(f"vectors end after {start + len(piece)} of {len(flat)} values")
+        if not np.isfinite(piece).all():
+            raise SavedIndexUnusable(f"{path}: damaged saved index (vectors that are not finite)")
+        flat[start : start + len(piece)] = piece
+    if member.read(1):
+        raise SavedIndexUnusable(f"{path}: damaged saved index (bytes after the vectors)")
+    return buffer[:rows]
+
+
+_NPY_HEADERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
 def _check_shapes(path: Path, saved: SavedIndex) -> None:
     vectors, labels = saved.vectors, saved.labels
     problem = None
-    if vectors.dtype != np.float32 or vectors.ndim != 2:
-        problem = f"vectors are {vectors.dtype} {vectors.shape}, not float32 rows"
-    elif labels.dtype != np.int64 or labels.shape != (len(vectors),):
+    if labels.dtype != np.int64 or labels.shape != (len(vectors),):
         problem = f"{labels.shape} labels for {len(vectors)} rows"
     elif len(labels) and (labels.min() < 0 or labels.max() >= len(saved.names)):
         problem = f"labels outside the {len(saved.names)} names"
     elif len(labels) and np.any(np.diff(labels) < 0):
         problem = "labels not grouped"
-    elif not np.isfinite(vectors).all():
-        problem = "vectors that are not finite"
     if problem is not None:
         raise SavedIndexUnusable(f"{path}: damaged saved index ({problem})")

@@ -76,10 +76,16 @@ class VectorIndex(Protocol):
 class ExactIndex:
     """Brute force: queries x all vectors, in batches so the score matrix stays small."""
 
-    def __init__(self, vectors: np.ndarray, batch_rows: int = 1 << 24) -> None:
+    def __init__(
+        self, vectors: np.ndarray, batch_rows: int = 1 << 24, rows: int | None = None
+    ) -> None:
+        """rows: index only the first `rows` of `vectors` and append into the rest (a buffer
+        read with room, `saved_index.load_index`: no copy of the rows before it is full)."""
         self._buffer = np.ascontiguousarray(vectors, dtype=np.float32)
+        if rows is not None and not 0 <= rows <= len(self._buffer):
+            raise ValueError(f"rows ({rows}) must be within the {len(self._buffer)} given")
         self._batch_rows = batch_rows
-        self._use(len(self._buffer))
+        self._use(len(self._buffer) if rows is None else rows)
 
     def _use(self, rows: int) -> None:
         self.vectors = self._buffer[:rows]
