@@ -87,8 +87,9 @@ def load_index(path: Path, room: float = 0.0) -> SavedIndex:
             if missing:
                 raise SavedIndexUnusable(f"{path}: not a saved index (no {', '.join(missing)})")
             header, labels, names_utf8, ends = (arrays[a] for a in _ARRAYS if a != "vectors")
+            size = arrays.zip.getinfo("vectors.npy").file_size
             with arrays.zip.open("vectors.npy") as member:
-                vectors = _read_rows(path, member, room)
+                vectors = _read_rows(path, member, size, room)
         fields = json.loads(header.tobytes().decode())
         if not isinstance(fields, dict) or fields.get("format") != FORMAT:
             raise SavedIndexUnusable(f"{path}: not a saved index of format {FORMAT}")
@@ -115,10 +116,10 @@ def load_index(path: Path, room: float = 0.0) -> SavedIndex:
 _CHUNK_BYTES = 1 << 18  # read, copied and checked for non-finite values a piece at a time
 
 
-def _read_rows(path: Path, member: IO[bytes], room: float) -> np.ndarray:
-    """The float32 rows of an .npy `member`, read straight into a buffer with `room` (a
-    fraction) more rows and checked finite piece by piece, so neither a second copy nor a
-    full-size temporary is made."""
+def _read_rows(path: Path, member: IO[bytes], size: int, room: float) -> np.ndarray:
+    """The float32 rows of an .npy `member` of `size` bytes, read straight into a buffer with
+    `room` (a fraction) more rows and checked finite piece by piece, so neither a second copy
+    nor a full-size temporary is made."""
     version = np.lib.format.read_magic(member)
     if version not in _NPY_HEADERS:
         raise SavedIndexUnusable(f"{path}: vectors in an unknown .npy version {version}")
@@ -128,6 +129,11 @@ def _read_rows(path: Path, member: IO[bytes], room: float) -> np.ndarray:
             f"{path}: damaged saved index (vectors are {dtype} {shape}, not float32 rows)"
         )
     rows, dim = shape
+    if rows * dim * 4 > size - member.tell():  # before allocating what the header claims
+        raise SavedIndexUnusable(
+            f"{path}: damaged saved index (vectors claim {rows}x{dim} values, the file has "
+            f"{size - member.tell()} bytes of them)"
+        )
     buffer = np.empty((rows + int(rows * room), dim), np.float32)
     flat = buffer[:rows].reshape(-1)
     step = max(1, _CHUNK_BYTES // 4)
