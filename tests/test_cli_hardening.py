@@ -560,6 +560,8 @@ def test_header_rule_never_takes_a_trial_for_a_header(
         ("pairs.txt", b"1 1\nAda 1 x\nAda 1 Bob 2\n", "pairs.txt:2: image numbers must be"),
         ("pairs.txt", b"1 1\nAda 1 2\nAda \xe9 Bob 2\n", "pairs.txt:3: not UTF-8 text"),
         ("trials.csv", b"a.jpg,b.jpg,0.5\n", "trials.csv:1: label '0.5' is not 0 or 1"),
+        ("pairs.txt", b"0\n", "pairs.txt:1: the header promises no pairs"),  # found by fuzzing
+        ("pairs.txt", b"10 0\n", "pairs.txt:1: the header promises no pairs"),
     ],
 )
 def test_trial_list_errors_name_the_file_and_line(

@@ -66,6 +66,8 @@ def read_lfw_pairs(path: str | Path, images_root: str | Path | None = None) -> l
     except ValueError:
         raise ValueError(f"{path}:1: expected a header 'folds pairs' or 'pairs'") from None
     body = lines[1:]
+    if n_folds * per_class == 0:
+        raise ValueError(f"{path}:1: the header promises no pairs")
     if len(body) != n_folds * 2 * per_class:
         raise ValueError(
             f"{path}: header promises {n_folds * 2 * per_class} pairs, file has {len(body)}"
