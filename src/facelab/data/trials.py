@@ -75,19 +75,17 @@ def read_lfw_pairs(path: str | Path, images_root: str | Path | None = None) -> l
     trials = []
     for i, fields in enumerate(body):
         fold = i // (2 * per_class)
+        if len(fields) not in (3, 4):
+            raise ValueError(f"{path}:{i + 2}: expected 3 or 4 tab-separated fields")
         try:
             if len(fields) == 3:
                 name, n1, n2 = fields
                 a, b, label = lfw_image_path(root, name, n1), lfw_image_path(root, name, n2), 1
-            elif len(fields) == 4:
+            else:
                 a = lfw_image_path(root, fields[0], fields[1])
                 b = lfw_image_path(root, fields[2], fields[3])
                 label = 0
-            else:
-                raise ValueError(f"{path}:{i + 2}: expected 3 or 4 tab-separated fields")
-        except ValueError as exc:
-            if str(exc).startswith(str(path)):
-                raise
+        except ValueError:  # int() of an image number
             raise ValueError(f"{path}:{i + 2}: image numbers must be integers") from None
         trials.append(Trial(a, b, label, fold if n_folds > 1 else None))
     return trials
