@@ -154,10 +154,9 @@ def read_trial_csv(path: str | Path, images_root: str | Path | None = None) -> l
     for i, row in iter_trial_rows(path):
         label: int | None = None
         if len(row) == 3:
-            value = float(row[2]) if _is_number(row[2]) else -1.0
-            label = int(value) if value in (0.0, 1.0) else -1
-            if label not in (0, 1):
+            if not (_is_number(row[2]) and float(row[2]) in (0.0, 1.0)):
                 raise ValueError(f"{path}:{i}: label {row[2]!r} is not 0 or 1")
+            label = int(float(row[2]))
         trials.append(Trial(root / row[0], root / row[1], label))
     if not trials:
         raise ValueError(f"{path}: no trials")
