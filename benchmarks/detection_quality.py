@@ -24,18 +24,12 @@ from PIL import Image, ImageFilter
 
 from facelab.data.images import read_image
 from facelab.fileio import atomic_write_text
+from facelab.models.detectors.blazeface import iou_with
 from facelab.models.detectors.mtcnn import main_face
 from facelab.models.registry import DETECTORS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BATCH = 32
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def main_boxes(detector: object, images: list[np.ndarray]) -> list[np.ndarray | None]:
@@ -107,7 +101,7 @@ def main() -> None:
         both = [
             (a, b) for a, b in zip(boxes, reference, strict=True) if a is not None and b is not None
         ]
-        agree = int(sum(iou(a, b) >= 0.5 for a, b in both))
+        agree = int(sum(iou_with(a, b[None])[0] >= 0.5 for a, b in both))
         agreement[name] = {
             "images": len(images),
             "no_face": sum(b is None for b in boxes),
