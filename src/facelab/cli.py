@@ -264,12 +264,12 @@ def _model_source(args: argparse.Namespace) -> str:
     return source
 
 
-def _gallery_model(args: argparse.Namespace, **kwargs: Any) -> Any:
-    """The model for a gallery command: --model or the gallery's own, with --detector or else
-    the detector the gallery's embeddings were made with."""
+def _gallery_model(args: argparse.Namespace, source: str | None = None, **kwargs: Any) -> Any:
+    """The model for a gallery command: `source` (default `_model_source`), with --detector or
+    else the detector the gallery's embeddings were made with."""
     from facelab.gallery import GalleryStore
 
-    model = _load_model(args, _model_source(args), **kwargs)
+    model = _load_model(args, source or _model_source(args), **kwargs)
     if args.detector is None and Path(args.gallery).is_file():
         with GalleryStore(args.gallery) as store:
             info = store.model()
@@ -557,7 +557,7 @@ def _serve(args: argparse.Namespace) -> None:
     # (dlib_resnet at batch 1: 2.4 against 4.2 ms per face; identify p50 23.2 against 30.7 ms
     # with MTCNN, docs/detectors.md).
     runtime = args.runtime or SERVE_RUNTIME
-    run(_gallery_model(args, runtime=runtime), config, host=args.host, port=args.port)
+    run(_gallery_model(args, source, runtime=runtime), config, host=args.host, port=args.port)
 
 
 @command("export")
