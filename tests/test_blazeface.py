@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import dlib_model_file
+from postgres import postgres_cluster  # noqa: F401 (a fixture)
 
 from facelab.api import with_detector
 from facelab.cli import main
@@ -344,11 +345,17 @@ def test_pipeline_uses_the_detector_the_preprocessing_names(
     assert built == ["blazeface", "mtcnn"]
 
 
+@pytest.mark.parametrize("backend", ["file", "postgresql"])
 def test_cli_gallery_remembers_its_detector(
-    lfw: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    lfw: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+    backend: str,
 ) -> None:
-    """Enrolled with --detector blazeface, the gallery is queried with BlazeFace by default;
-    asking for MTCNN is refused (other embeddings), not mixed in silently."""
+    """Enrolled with --detector blazeface, the gallery (a file or a PostgreSQL database) is
+    queried with BlazeFace by default; asking for MTCNN is refused (other embeddings), not
+    mixed in silently."""
     dlib_model_file(MODEL_FILE)
     tree = tmp_path / "people"
     for person in ("Colin_Powell", "Tony_Blair"):
@@ -357,7 +364,10 @@ def test_cli_gallery_remembers_its_detector(
             name = f"{person}_000{k}.jpg"
             (tree / person / name).symlink_to(lfw / "images" / person / name)
     probe = str(lfw / "images" / "Tony_Blair" / "Tony_Blair_0003.jpg")
-    g = ["--gallery", str(tmp_path / "g.db")]
+    if backend == "file":
+        g = ["--gallery", str(tmp_path / "g.db")]
+    else:
+        g = ["--gallery", request.getfixturevalue("postgres_cluster").new_database()]
     args = ["enroll", *g, "--model", "dlib_resnet", "--detector", "blazeface", "--tree", str(tree)]
     assert main(args) == 0
     capsys.readouterr()

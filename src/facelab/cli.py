@@ -267,11 +267,11 @@ def _model_source(args: argparse.Namespace) -> str:
 def _gallery_model(args: argparse.Namespace, source: str | None = None, **kwargs: Any) -> Any:
     """The model for a gallery command: `source` (default `_model_source`), with --detector or
     else the detector the gallery's embeddings were made with."""
-    from facelab.gallery import GalleryStore
+    from facelab.gallery.backends import gallery_exists, open_store
 
     model = _load_model(args, source or _model_source(args), **kwargs)
-    if args.detector is None and Path(args.gallery).is_file():
-        with GalleryStore(args.gallery) as store:
+    if args.detector is None and gallery_exists(args.gallery):
+        with open_store(args.gallery) as store:
             info = store.model()
         if info is not None:
             model = api.with_detector(model, info.preprocess.get("detector"))
