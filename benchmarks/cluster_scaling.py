@@ -61,7 +61,7 @@ def run(n: int, noise: float, threshold: float, queue: multiprocessing.Queue) ->
     faces, labels = synthetic_faces(n, noise)
     config = ClusterConfig(threshold=threshold)
     tick = time.perf_counter()
-    scores, near = knn(faces, max(config.k, config.depth), config.index, config.exact_max)
+    scores, near = knn(faces, config.search_depth, config.index, config.exact_max)
     search = time.perf_counter() - tick
     tick = time.perf_counter()
     found = cluster_neighbours(faces, scores, near, config)

@@ -26,6 +26,7 @@ import numpy as np
 from load_test import SHARED, start_server
 from PIL import Image
 
+from facelab.api import RUNTIMES
 from facelab.fileio import atomic_write_text
 
 log = logging.getLogger("identify_latency")
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument(
         "--runtimes",
         nargs="+",
-        choices=("torch", "onnx"),
+        choices=RUNTIMES,
         default=["torch"],
         help="each server's embedding runtime (`facelab serve --runtime`)",
     )

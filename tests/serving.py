@@ -55,14 +55,15 @@ def upload(field: str, data: bytes, kind: str = "image/png") -> tuple[str, tuple
 
 
 @contextmanager
-def live_server(app: Any) -> Iterator[str]:
-    """Run `app` with uvicorn on a free loopback port in a thread; yields its base URL."""
+def live_server(app: Any, **options: Any) -> Iterator[str]:
+    """Run `app` with uvicorn (`options`: more `uvicorn.Config` settings) on a free loopback
+    port in a thread; yields its base URL."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

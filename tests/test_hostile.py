@@ -15,11 +15,8 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +26,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from httpx import Response
 from PIL import Image
-from serving import KEYS, READ, RO, RW, WRITE, png, tiny_model, upload
+from serving import KEYS, READ, RO, RW, WRITE, live_server, png, tiny_model, upload
 
 import facelab
 from facelab import api
@@ -420,25 +417,6 @@ class QuickHeaderTimeout(HeaderTimeoutProtocol):
     header_timeout = 0.5
 
 
-@contextmanager
-def uvicorn_server(app: object) -> Iterator[int]:
-    """`app` served as `facelab serve` serves it (its h11 protocol), on a free loopback port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, http=QuickHeaderTimeout, log_level="warning")  # type: ignore[arg-type]
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 def closed_by_server(conn: socket.socket, within: float) -> bool:
     conn.settimeout(within)
     try:
@@ -454,7 +432,8 @@ def closed_by_server(conn: socket.socket, within: float) -> bool:
 
 def test_stalled_connections_are_closed(model: FaceModel, tmp_path: Path) -> None:
     config = ServeConfig(gallery=tmp_path / "g.db", keys=KEYS, read_seconds=0.5)
-    with uvicorn_server(create_app(model, config)) as port:
+    with live_server(create_app(model, config), http=QuickHeaderTimeout) as url:
+        port = int(url.rsplit(":", 1)[1])
         silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(25)]
         partial = [socket.create_connection(("127.0.0.1", port)) for _ in range(25)]
         for conn in partial:

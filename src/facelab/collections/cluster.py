@@ -85,6 +85,11 @@ class ClusterConfig:
     def lowest(self) -> float:
         return self.threshold - self.margin if self.floor is None else self.floor
 
+    @property
+    def search_depth(self) -> int:
+        """Nearest faces to search per face (`knn`): `k`, and `depth` when normalising."""
+        return max(self.k, self.depth if self.normalise else 0)
+
 
 def knn(
     embeddings: np.ndarray, k: int, method: str = "auto", exact_max: int = 200_000
@@ -287,16 +292,16 @@ def cluster_embeddings(
     if len(rows) == 0:
         return labels
     emb = emb[rows]
-    depth = max(config.k, config.depth if config.normalise else 0)
-    labels[rows] = cluster_neighbours(emb, *knn(emb, depth, config.index, config.exact_max), config)
+    found = knn(emb, config.search_depth, config.index, config.exact_max)
+    labels[rows] = cluster_neighbours(emb, *found, config)
     return labels
 
 
 def cluster_neighbours(
     embeddings: np.ndarray, scores: np.ndarray, near: np.ndarray, config: ClusterConfig
 ) -> np.ndarray:
-    """Steps after the k-NN search (`knn`, to depth >= `config.depth` when normalising): the
-    first pass, and with `config.normalise` the second on normalised scores."""
+    """Steps after the k-NN search (`knn`, to `config.search_depth`): the first pass, and
+    with `config.normalise` the second on normalised scores."""
     i, j, _ = pairs_of(scores[:, : config.k], near[:, : config.k])
     found = merge_rounds(embeddings, i, j, config)
     if config.normalise:

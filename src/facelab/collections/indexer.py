@@ -37,6 +37,7 @@ from facelab.models.preprocess import LANDMARK_ALIGNMENTS
 from facelab.pipeline import (
     ALIGNED,
     CENTRE_CROP,
+    CENTRE_FALLBACK,
     INPUT_MODES,
     NO_FACE_FALLBACKS,
     Located,
@@ -165,15 +166,19 @@ def _changed(
 
 class _Found(NamedTuple):
     """One face of a photo before embedding. landmarks: detector-order five points in image
-    pixels (stored; quality reads them); alignment: what `alignment_points` aligns from (None:
-    the centre-crop region); a face no detector boxed has the whole frame (or the centre-crop
-    region) as box and score 0."""
+    pixels (stored; quality reads them); a face no detector boxed has the whole frame (or the
+    centre-crop region) as box and score 0."""
 
     route: str  # facelab.pipeline.ROUTES
     box: tuple[float, ...]
     landmarks: np.ndarray
     score: float
-    alignment: np.ndarray | None
+
+    @property
+    def alignment(self) -> np.ndarray | None:
+        """What `alignment_points` aligns from: the landmarks, or None for a face assumed to
+        fill the centre-crop region (its landmarks are the template's points there)."""
+        return None if self.route in (CENTRE_CROP, CENTRE_FALLBACK) else self.landmarks
 
 
 class _FaceFinder:
@@ -199,7 +204,7 @@ class _FaceFinder:
         there (stored, and read by the quality); it is aligned as `alignment_points` of None."""
         template = np.zeros((5, 2)) if self.spec.template is None else self.spec.template
         marks = centred_landmarks(np.asarray(template), self.spec.size, image.shape, self.spec.crop)
-        return _Found(route, centred_box(image.shape, self.spec.crop), marks, 0.0, None)
+        return _Found(route, centred_box(image.shape, self.spec.crop), marks, 0.0)
 
     def _faces(self, image: np.ndarray, located: Located | None, name: str) -> list[_Found]:
         """Each face of one photo, main one first (`face_order`)."""
@@ -207,7 +212,7 @@ class _FaceFinder:
         frame = (0.0, 0.0, float(w), float(h))
         if self.config.input == "aligned":
             marks = aligned_landmarks(image.shape)
-            return [_Found(ALIGNED, frame, marks, 0.0, marks)]
+            return [_Found(ALIGNED, frame, marks, 0.0)]
         if located is None:  # a centre-crop model: no detector by design
             return [self._centred(CENTRE_CROP, image)]
         det = located.detections
@@ -216,14 +221,14 @@ class _FaceFinder:
             for j in face_order(det, image.shape):
                 route, marks = detected_landmarks(image, located, j)
                 box = tuple(float(v) for v in det.boxes[j])
-                faces.append(_Found(route, box, marks, float(det.scores[j]), marks))
+                faces.append(_Found(route, box, marks, float(det.scores[j])))
             return faces
         if self.config.no_face == "skip":
             return []
         route, marks = fallback_landmarks(image, self.config.no_face, name)
         if marks is None:
             return [self._centred(route, image)]
-        return [_Found(route, frame, marks, 0.0, marks)]
+        return [_Found(route, frame, marks, 0.0)]
 
     def run(self, loaded: list[_Loaded]) -> list[IndexedFile]:
         images = [item.image for item in loaded if item.image is not None]

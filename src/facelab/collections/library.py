@@ -146,6 +146,11 @@ class FaceTable:
     embeddings: np.ndarray  # (n, D) float32
 
 
+def _detector_of(model: ModelInfo) -> str:
+    """The face detector named by a model's recorded preprocessing (older records: MTCNN)."""
+    return model.preprocess.get("detector", DEFAULT_DETECTOR)
+
+
 class Library:
     """An open library file (`create=True` makes it when absent)."""
 
@@ -245,14 +250,14 @@ class Library:
         """The face detector the library's faces were found with (its model's preprocessing),
         None before anything was indexed."""
         model = self.model()
-        return None if model is None else model.preprocess.get("detector", DEFAULT_DETECTOR)
+        return None if model is None else _detector_of(model)
 
     def bind_model(self, model: ModelInfo, source: str | None) -> None:
         """Refuse a model or detector other than the library's (its faces would not compare);
         record it (and how to load it) if new."""
         stored = self.model()
         if stored is not None and stored.fingerprint != model.fingerprint:
-            built, asked = self.detector(), model.preprocess.get("detector", DEFAULT_DETECTOR)
+            built, asked = _detector_of(stored), _detector_of(model)
             if built != asked and stored.name == model.name:
                 raise LibraryError(
                     f"{self.path}: library was built with the {built} detector, not {asked}; "

@@ -761,8 +761,7 @@ def create_app(model: FaceModel, config: ServeConfig) -> FastAPI:
                     served,
                     [d.image for d in images],
                     k=opts.k,
-                    threshold=opts.threshold,
-                    far=opts.far,
+                    threshold=chosen.value,  # resolved above: identify need not look again
                     all_faces=opts.all_faces,
                     no_face=opts.no_face,
                     detector=detector,

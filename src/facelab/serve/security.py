@@ -216,9 +216,7 @@ class SameOrigin:
         await self.app(scope, receive, send)
 
 
-async def send_json(
-    send: Send, status: int, error: str, detail: str, headers: tuple[tuple[bytes, bytes], ...] = ()
-) -> None:
+async def send_json(send: Send, status: int, error: str, detail: str) -> None:
     """A whole JSON error response, from middleware (before any route ran)."""
     body = json.dumps({"error": error, "detail": detail}).encode()
     await send(
@@ -229,7 +227,6 @@ async def send_json(
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"connection", b"close"),
-                *headers,
             ],
         }
     )
