@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from facelab.gallery.backends import open_store
-from facelab.gallery.postgres import GalleryUnavailable, PostgresStore
+from facelab.gallery.postgres import GalleryUnavailable, PostgresStore, is_postgres_address
 from facelab.gallery.saved_index import (
     SavedIndex,
     SavedIndexUnusable,
@@ -95,7 +95,7 @@ class GalleryReplica(GallerySearch):
         self.save_every = save_every
         self.snapshot_file: Path | None = None
         if snapshot_dir is not None:
-            if not isinstance(address, str) or not address.startswith("postgres"):
+            if not is_postgres_address(address):
                 raise GalleryError(
                     f"{address}: a snapshot folder is for PostgreSQL galleries (an SQLite "
                     "gallery has no change log to catch up from, and is a local file already)"
