@@ -341,7 +341,7 @@ class GalleryReplica(GallerySearch):
             labels, names = self._labels, list(self.names)
             live = np.fromiter(sorted(self._live.values()), np.int64, len(self._live))
             gallery_id = self._gallery_id
-            source = index.vectors if isinstance(index, ExactIndex) else index_vectors(index)
+            source = index_vectors(index)  # the exact index's rows: a view, no copy
         if gallery_id is None:
             return None, revision
         relabel = np.full(len(names), -1, np.int64)
