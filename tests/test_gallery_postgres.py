@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from postgres import Cluster, postgres_cluster  # noqa: F401 (a fixture)
+from postgres import Cluster, _free_port, postgres_cluster  # noqa: F401 (a fixture)
 from test_gallery import person_images, store_with_vectors, tiny_model, unit
 
 from facelab.cli import main
@@ -35,19 +35,11 @@ def test_refusals_name_the_database(postgres_cluster: Cluster) -> None:  # noqa:
     postgres_cluster.sql("CREATE TABLE other (x int)", address.rsplit("/", 1)[1])
     with pytest.raises(GalleryError, match="a database with tables, but not a facelab gallery"):
         open_store(address, create=True)
-    closed = f"postgresql://postgres:secret@127.0.0.1:{_closed_port()}/db"
+    closed = f"postgresql://postgres:secret@127.0.0.1:{_free_port()}/db"
     with pytest.raises(GalleryUnavailable, match="cannot connect") as caught:
         open_store(closed, create=True, timeout=2)
     assert "secret" not in str(caught.value)
     assert redact(closed) == closed.replace(":secret", "")
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_second_writer_waits_for_the_first_then_is_refused(
