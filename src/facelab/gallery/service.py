@@ -65,6 +65,7 @@ from facelab.gallery.store import (
     GalleryStore,
     ModelInfo,
     Threshold,
+    calibrated_for,
     identity_name,
 )
 from facelab.models.detectors.mtcnn import face_order
@@ -361,8 +362,9 @@ def resolve_threshold(
     if far is not None:
         finite(far, "target FAR")
     stored = store.thresholds() if store is not None else []
-    if any(far is None or np.isclose(t.target_far, far, rtol=1e-6) for t in stored):
-        return store.threshold(far)
+    calibrated = calibrated_for(stored, far)
+    if calibrated is not None:
+        return calibrated
     own = model_threshold(model, far) if model is not None else None
     if own is not None:
         return own
