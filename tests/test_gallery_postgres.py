@@ -247,3 +247,25 @@ def test_requests_never_list_the_whole_gallery(
         assert client.delete("/v1/identities/Ada", headers=WRITE).status_code == 404
         reply = client.post("/v1/identify", data={"threshold": "0.5"}, files=files, headers=READ)
         assert reply.json()["error"] == "empty_gallery"
+
+
+def test_replica_and_enrollment_messages_never_show_the_password(
+    postgres_cluster: Cluster,  # noqa: F811
+) -> None:
+    """A replica's refusals reach API clients (404, 503) and an enrollment's report is printed:
+    they name the gallery as its stores do, without the password in its address."""
+    address = postgres_cluster.new_database()
+    with_password = address.replace("postgres@", "postgres:secret@")
+    report = enroll(with_password, tiny_model(), "ada", person_images(1, 2), progress=False)
+    assert report.gallery == address
+    replica = GalleryReplica(with_password)
+    try:
+        with pytest.raises(GalleryError, match="'nobody' is not enrolled") as caught:
+            replica.offline().embeddings("nobody")
+        assert "secret" not in str(caught.value) and address in str(caught.value)
+    finally:
+        replica.close()
+    closed = f"postgresql://postgres:secret@127.0.0.1:{_free_port()}/db"
+    with pytest.raises(GalleryError, match="replica could not load the gallery") as caught:
+        GalleryReplica(closed, start_timeout=1)
+    assert "secret" not in str(caught.value)

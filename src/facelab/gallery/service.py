@@ -55,6 +55,7 @@ from facelab.eval.identification import (
 from facelab.eval.metrics import finite, threshold_at_far
 from facelab.fileio import atomic_write_csv, atomic_write_text
 from facelab.gallery.backends import gallery_exists, open_store
+from facelab.gallery.postgres import redact
 from facelab.gallery.search import GallerySearch, Match, check_k, identity_rows
 from facelab.gallery.store import (
     MEMORY,
@@ -258,7 +259,7 @@ def enroll_people(
         del by_name[name]
     used = {f.item for f in faces}
     skipped = [str(item) for i, item in enumerate(items) if i not in used]
-    path = gallery.path if isinstance(gallery, GalleryStore) else str(gallery)
+    path = gallery.path if isinstance(gallery, GalleryStore) else redact(str(gallery))
     if by_name:
         with _opened(gallery, create=True) as store:  # add() checks model and names again
             store.add(by_name, info, append=append)
