@@ -308,8 +308,7 @@ def main() -> None:
             faiss.ScalarQuantizer.QT_8bit,
             faiss.METRIC_INNER_PRODUCT,
         )
-        sample = np.random.default_rng(0).choice(len(gallery), 64 * nlist, replace=False)
-        sq8.train(gallery[sample])
+        sq8.train(search_module._training_sample(gallery, 64 * nlist, seed=0))
         sq8.add(gallery)
         build = f"{time.perf_counter() - start:.0f}"
         for nprobe in args.nprobe:

@@ -29,6 +29,7 @@ from facelab.gallery import (
     GalleryStore,
     LfwSplit,
     ModelInfo,
+    Threshold,
     build_index,
     calibrate,
     enroll,
@@ -529,6 +530,25 @@ def test_calibrate_stores_threshold_and_decisions_name_it(
     result = identify(gallery, model, files["person_0"][1:2], far=0.1)[0]
     assert result.threshold == chosen
     assert "target FAR 0.1" in result.threshold.describe()
+
+
+def test_resolving_a_calibrated_threshold_reads_the_gallery_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Identify and verify resolve the threshold per request: one read of the stored ones
+    (the FAR was matched on a first read, then the threshold taken from a second)."""
+    from facelab.gallery.service import resolve_threshold
+
+    info = ModelInfo("synthetic", "f" * 16, 16, {})
+    with GalleryStore(tmp_path / "g.db", create=True) as store:
+        for far in (0.1, 0.01):
+            store.set_threshold(Threshold(0.3 + far, "made up", far, far, 0.1, 10, 10), info)
+        reads = []
+        real = GalleryStore.thresholds
+        monkeypatch.setattr(GalleryStore, "thresholds", lambda self: reads.append(1) or real(self))
+        assert resolve_threshold(store, far=0.1).value == pytest.approx(0.4)
+        assert resolve_threshold(store).target_far == 0.01  # the most recent
+        assert len(reads) == 2
 
 
 # -- face policy ----------------------------------------------------------------------------

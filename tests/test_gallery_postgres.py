@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from postgres import Cluster, postgres_cluster  # noqa: F401 (a fixture)
+from postgres import Cluster, _free_port, postgres_cluster  # noqa: F401 (a fixture)
 from test_gallery import person_images, store_with_vectors, tiny_model, unit
 
 from facelab.cli import main
@@ -35,19 +35,11 @@ def test_refusals_name_the_database(postgres_cluster: Cluster) -> None:  # noqa:
     postgres_cluster.sql("CREATE TABLE other (x int)", address.rsplit("/", 1)[1])
     with pytest.raises(GalleryError, match="a database with tables, but not a facelab gallery"):
         open_store(address, create=True)
-    closed = f"postgresql://postgres:secret@127.0.0.1:{_closed_port()}/db"
+    closed = f"postgresql://postgres:secret@127.0.0.1:{_free_port()}/db"
     with pytest.raises(GalleryUnavailable, match="cannot connect") as caught:
         open_store(closed, create=True, timeout=2)
     assert "secret" not in str(caught.value)
     assert redact(closed) == closed.replace(":secret", "")
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_second_writer_waits_for_the_first_then_is_refused(
@@ -255,3 +247,25 @@ def test_requests_never_list_the_whole_gallery(
         assert client.delete("/v1/identities/Ada", headers=WRITE).status_code == 404
         reply = client.post("/v1/identify", data={"threshold": "0.5"}, files=files, headers=READ)
         assert reply.json()["error"] == "empty_gallery"
+
+
+def test_replica_and_enrollment_messages_never_show_the_password(
+    postgres_cluster: Cluster,  # noqa: F811
+) -> None:
+    """A replica's refusals reach API clients (404, 503) and an enrollment's report is printed:
+    they name the gallery as its stores do, without the password in its address."""
+    address = postgres_cluster.new_database()
+    with_password = address.replace("postgres@", "postgres:secret@")
+    report = enroll(with_password, tiny_model(), "ada", person_images(1, 2), progress=False)
+    assert report.gallery == address
+    replica = GalleryReplica(with_password)
+    try:
+        with pytest.raises(GalleryError, match="'nobody' is not enrolled") as caught:
+            replica.offline().embeddings("nobody")
+        assert "secret" not in str(caught.value) and address in str(caught.value)
+    finally:
+        replica.close()
+    closed = f"postgresql://postgres:secret@127.0.0.1:{_free_port()}/db"
+    with pytest.raises(GalleryError, match="replica could not load the gallery") as caught:
+        GalleryReplica(closed, start_timeout=1)
+    assert "secret" not in str(caught.value)

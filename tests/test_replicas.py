@@ -635,3 +635,12 @@ def test_a_saved_index_is_refused_for_an_sqlite_gallery(tmp_path: Path) -> None:
     store_with_vectors(gallery, rng_people(6, 1)).close()
     with pytest.raises(GalleryError, match="g.db: a snapshot folder is for PostgreSQL"):
         GalleryReplica(gallery, snapshot_dir=tmp_path)
+
+
+def test_an_sqlite_file_whose_name_starts_with_postgres_is_no_postgresql_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store_with_vectors("postgres.db", rng_people(6, 1)).close()
+    with pytest.raises(GalleryError, match="postgres.db: a snapshot folder is for PostgreSQL"):
+        GalleryReplica("postgres.db", snapshot_dir=tmp_path)

@@ -31,7 +31,12 @@ from typing import Any
 import numpy as np
 
 from facelab.gallery.backends import open_store
-from facelab.gallery.postgres import GalleryUnavailable, PostgresStore
+from facelab.gallery.postgres import (
+    GalleryUnavailable,
+    PostgresStore,
+    is_postgres_address,
+    redact,
+)
 from facelab.gallery.saved_index import (
     SavedIndex,
     SavedIndexUnusable,
@@ -91,13 +96,14 @@ class GalleryReplica(GallerySearch):
     ) -> None:
         super().__init__(None, method, aggregate, **options)  # type: ignore[arg-type]
         self.address = address
+        self.path = redact(str(address))  # for messages: without the password
         self.poll = poll
         self.save_every = save_every
         self.snapshot_file: Path | None = None
         if snapshot_dir is not None:
-            if not isinstance(address, str) or not address.startswith("postgres"):
+            if not is_postgres_address(address):
                 raise GalleryError(
-                    f"{address}: a snapshot folder is for PostgreSQL galleries (an SQLite "
+                    f"{self.path}: a snapshot folder is for PostgreSQL galleries (an SQLite "
                     "gallery has no change log to catch up from, and is a local file already)"
                 )
             self.snapshot_file = saved_index_path(snapshot_dir, address)
@@ -125,7 +131,7 @@ class GalleryReplica(GallerySearch):
         self._thread.start()
         if not self._loaded.wait(start_timeout):
             self.close()
-            raise GalleryError(f"{address}: replica could not load the gallery ({self._reason})")
+            raise GalleryError(f"{self.path}: replica could not load the gallery ({self._reason})")
         self._loaded_in = round(time.perf_counter() - started, 3)
 
     # -- answering --------------------------------------------------------------------------
@@ -153,7 +159,7 @@ class GalleryReplica(GallerySearch):
         """The gallery as this replica holds it, for answering searches without the database
         (GalleryUnavailable if it never loaded one)."""
         if self._facts is None:
-            raise GalleryUnavailable(f"{self.address}: no database connection and no index yet")
+            raise GalleryUnavailable(f"{self.path}: no database connection and no index yet")
         path, model, thresholds = self._facts
         return OfflineGallery(path, model, thresholds, self)
 
@@ -162,7 +168,7 @@ class GalleryReplica(GallerySearch):
         with self._lock:
             label = self._live.get(name)
             if label is None or self._index is None:
-                raise GalleryError(f"{self.address}: {name!r} is not enrolled")
+                raise GalleryError(f"{self.path}: {name!r} is not enrolled")
             rows = np.flatnonzero(self._labels == label)
             return index_vectors(self._index, rows)
 
@@ -341,7 +347,7 @@ class GalleryReplica(GallerySearch):
             labels, names = self._labels, list(self.names)
             live = np.fromiter(sorted(self._live.values()), np.int64, len(self._live))
             gallery_id = self._gallery_id
-            source = index.vectors if isinstance(index, ExactIndex) else index_vectors(index)
+            source = index_vectors(index)  # the exact index's rows: a view, no copy
         if gallery_id is None:
             return None, revision
         relabel = np.full(len(names), -1, np.int64)

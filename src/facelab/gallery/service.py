@@ -55,6 +55,7 @@ from facelab.eval.identification import (
 from facelab.eval.metrics import finite, threshold_at_far
 from facelab.fileio import atomic_write_csv, atomic_write_text
 from facelab.gallery.backends import gallery_exists, open_store
+from facelab.gallery.postgres import redact
 from facelab.gallery.search import GallerySearch, Match, check_k, identity_rows
 from facelab.gallery.store import (
     MEMORY,
@@ -65,6 +66,7 @@ from facelab.gallery.store import (
     GalleryStore,
     ModelInfo,
     Threshold,
+    calibrated_for,
     identity_name,
 )
 from facelab.models.detectors.mtcnn import face_order
@@ -257,7 +259,7 @@ def enroll_people(
         del by_name[name]
     used = {f.item for f in faces}
     skipped = [str(item) for i, item in enumerate(items) if i not in used]
-    path = gallery.path if isinstance(gallery, GalleryStore) else str(gallery)
+    path = gallery.path if isinstance(gallery, GalleryStore) else redact(str(gallery))
     if by_name:
         with _opened(gallery, create=True) as store:  # add() checks model and names again
             store.add(by_name, info, append=append)
@@ -361,8 +363,9 @@ def resolve_threshold(
     if far is not None:
         finite(far, "target FAR")
     stored = store.thresholds() if store is not None else []
-    if any(far is None or np.isclose(t.target_far, far, rtol=1e-6) for t in stored):
-        return store.threshold(far)
+    calibrated = calibrated_for(stored, far)
+    if calibrated is not None:
+        return calibrated
     own = model_threshold(model, far) if model is not None else None
     if own is not None:
         return own

@@ -205,6 +205,17 @@ class Snapshot:
     embeddings: np.ndarray
 
 
+def calibrated_for(stored: Sequence[Threshold], target_far: float | None) -> Threshold | None:
+    """The one of `stored` (most recent first) calibrated for `target_far`, or without it the
+    most recent; None if there is none."""
+    if target_far is None:
+        return stored[0] if stored else None
+    for t in stored:
+        if t.target_far is not None and np.isclose(t.target_far, target_far, rtol=1e-6):
+            return t
+    return None
+
+
 def _writable(path: Path) -> bool:
     """Whether SQLite may write the gallery: the file and its folder (for -wal and -shm)."""
     return all(os.access(p, os.W_OK, effective_ids=True) for p in (path, path.parent))
@@ -553,11 +564,9 @@ class GalleryStore:
                 f"{self.path}: no calibrated threshold; run `facelab calibrate` on a labelled "
                 f"trial list, or give a threshold explicitly"
             )
-        if target_far is None:
-            return stored[0]
-        for t in stored:
-            if t.target_far is not None and np.isclose(t.target_far, target_far, rtol=1e-6):
-                return t
+        found = calibrated_for(stored, target_far)
+        if found is not None:
+            return found
         known = ", ".join(f"{t.target_far:g}" for t in stored)
         raise GalleryError(
             f"{self.path}: no threshold calibrated for FAR {target_far:g} (calibrated: {known})"
